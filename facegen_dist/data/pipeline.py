@@ -1,0 +1,275 @@
+"""The training stream: sharded, shuffled, endless, equal-length per rank, resumable in O(shard).
+
+Why not `wds.WebDataset(..., resampled=True)` + a shuffle buffer: its resampling is seeded
+from pid/time (not reproducible), a shuffle buffer's contents depend on everything read
+before, so resuming means replaying the whole stream, and `split_by_node` with uneven shard
+counts gives ranks different batch counts (DDP hangs). Here the stream is a pure function of
+(seed, slot, position), built from webdataset's shard reading (see `shards.py`):
+
+* A *slot* is one (rank, worker) pair. The shard order is an endless sequence of seeded
+  permutations of all shards; slot s takes elements s, s+S, s+2S, ... (S = slots), so slots
+  read disjoint shards within a pass and never run dry: every rank yields the same number
+  of batches forever, and the loop stops on an image budget, never on data exhaustion.
+* Every `shuffle_group` shards of a slot form a group, read into memory (encoded bytes)
+  and permuted as one block; flips are drawn per position. Group sizes come from the
+  manifest, so position p is located without reading anything before it.
+* DataLoader asks workers for batches round-robin, so batch k of a rank comes from worker
+  k % W. Resuming after B batches, worker w plays logical slot (w + B) % W and starts at that
+  slot's next unread batch: the resumed stream equals the uninterrupted one exactly.
+* A sample that cannot be read or decoded (damaged tar, bad image) is replaced by the next
+  good sample of its group and counted, so batches keep their size and ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from facegen_dist.data.shards import ShardInfo, image_extension, iter_shard_samples, read_shard, ShardReadError
+from facegen_dist.errors import DataError
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    shards: tuple[ShardInfo, ...]
+    resolution: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    start_batch: int = 0  # batches this rank has already consumed
+    shuffle_group: int = 4
+    hflip: bool = True
+    # (name, vocabulary) pairs: when given, batches carry "labels" int64 [B, A] (value index, -1 if absent).
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def decode_image(payload: bytes, resolution: int) -> np.ndarray:
+    """Encoded image -> uint8 HWC RGB, centre-cropped to a square and resized (Lanczos) to `resolution`."""
+    with Image.open(io.BytesIO(payload)) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        side = min(width, height)
+        if width != height:
+            left, top = (width - side) // 2, (height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        if side != resolution:
+            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        return np.asarray(image, dtype=np.uint8)
+
+
+class ShardSchedule:
+    """Which shards slot `slot` of `num_slots` reads, group by group."""
+
+    def __init__(self, shard_counts: list[int], seed: int, slot: int, num_slots: int, shuffle_group: int):
+        self.shard_counts = shard_counts
+        self.seed, self.slot, self.num_slots, self.shuffle_group = seed, slot, num_slots, shuffle_group
+
+    @lru_cache(maxsize=8)
+    def _pass_order(self, pass_index: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 0x5A4D, pass_index]).permutation(len(self.shard_counts))
+
+    def _shard_at(self, sequence_index: int) -> int:
+        pass_index, within = divmod(sequence_index, len(self.shard_counts))
+        return int(self._pass_order(pass_index)[within])
+
+    def group(self, group_index: int) -> list[int]:
+        first = group_index * self.shuffle_group
+        return [self._shard_at((first + j) * self.num_slots + self.slot) for j in range(self.shuffle_group)]
+
+    def group_size(self, group_index: int) -> int:
+        return sum(self.shard_counts[s] for s in self.group(group_index))
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(group, offset in group) of the slot's `position`-th sample."""
+        group_index = 0
+        while True:
+            size = self.group_size(group_index)
+            if position < size:
+                return group_index, position
+            position -= size
+            group_index += 1
+
+
+def attribute_labels(values: dict, attributes: tuple[tuple[str, tuple[str, ...]], ...]) -> np.ndarray:
+    """Indices of each attribute's value in its vocabulary; -1 where the sample lacks it or it does not apply."""
+    from facegen_dist.data.avatars import applicable_attributes
+
+    applicable = applicable_attributes(values)
+    labels = np.full(len(attributes), -1, dtype=np.int64)
+    for index, (name, vocabulary) in enumerate(attributes):
+        if name in applicable and values.get(name) in vocabulary:
+            labels[index] = vocabulary.index(values[name])
+    return labels
+
+
+class ShardStream(IterableDataset):
+    """Endless stream of {"image": uint8 [B,3,H,W], "bad_samples": int[, "labels": int64 [B,A]]} batches for one rank."""
+
+    def __init__(self, spec: StreamSpec):
+        if not spec.shards:
+            raise DataError("no shards to read")
+        self.spec = spec
+
+    def _worker_plan(self) -> tuple[int, int, int]:
+        """(slot, number of slots, first position) for the current DataLoader worker."""
+        spec = self.spec
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        workers = max(1, spec.num_workers)
+        logical = (worker + spec.start_batch) % workers
+        done = (spec.start_batch - logical + workers - 1) // workers if spec.start_batch > logical else 0
+        # After `start_batch` batches, logical slot L has produced `done` batches (contiguous in
+        # its own stream). Request 0 of the new loader goes to worker 0, which plays B % W.
+        return spec.rank * workers + logical, spec.world_size * workers, done * spec.batch_size
+
+    def __iter__(self):
+        spec = self.spec
+        slot, num_slots, position = self._worker_plan()
+        schedule = ShardSchedule([s.num_samples for s in spec.shards], spec.seed, slot, num_slots, spec.shuffle_group)
+        samples = self._samples(schedule, slot, position)
+        while True:
+            images, labels, bad = [], [], 0
+            for _ in range(spec.batch_size):
+                image, label, replaced = next(samples)
+                images.append(image)
+                labels.append(label)
+                bad += replaced
+            batch = {"image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), "bad_samples": bad}
+            if spec.attributes:
+                batch["labels"] = torch.from_numpy(np.stack(labels))
+            yield batch
+
+    def _load_group(self, schedule: ShardSchedule, group_index: int) -> list[list[dict]]:
+        loaded = []
+        for shard_index in schedule.group(group_index):
+            shard = self.spec.shards[shard_index]
+            samples, problem = read_shard(shard.path)
+            if problem:
+                print(f"facegen: warning: {problem}; read {len(samples)} of {shard.num_samples} samples, the rest are replaced", file=sys.stderr)
+            loaded.append(samples)
+        return loaded
+
+    def _decode(self, sample: dict | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+        if sample is None:
+            return None
+        extension = image_extension(sample)
+        if extension is None:
+            return None
+        try:
+            image = decode_image(sample[extension], self.spec.resolution)
+            labels = attribute_labels(json.loads(sample["json"]) if "json" in sample else {}, self.spec.attributes) if self.spec.attributes else None
+        except Exception:  # noqa: BLE001 — PIL raises many types for damaged images, json for damaged labels
+            return None
+        return image, labels
+
+    def _samples(self, schedule: ShardSchedule, slot: int, position: int):
+        """Yields (HWC uint8 image, labels or None, 1 if it stands in for a bad sample else 0), endlessly."""
+        spec = self.spec
+        group_index, offset = schedule.locate(position)
+        while True:
+            loaded = self._load_group(schedule, group_index)
+            counts = [spec.shards[s].num_samples for s in schedule.group(group_index)]
+            nominal = [(j, i) for j, count in enumerate(counts) for i in range(count)]
+            rng = np.random.default_rng([spec.seed, 0xF1A9, slot, group_index])
+            order = rng.permutation(len(nominal))
+            flips = rng.random(len(nominal)) < 0.5
+
+            def at(index: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+                j, i = nominal[order[index]]
+                return self._decode(loaded[j][i] if i < len(loaded[j]) else None)
+
+            for index in range(offset, len(nominal)):
+                decoded, replaced = at(index), 0
+                if decoded is None:
+                    replaced = 1
+                    decoded = next((d for k in range(1, len(nominal)) if (d := at((index + k) % len(nominal))) is not None), None)
+                    if decoded is None:
+                        raise DataError(f"no readable image in shards {[spec.shards[s].path for s in schedule.group(group_index)]}")
+                image, labels = decoded
+                if spec.hflip and flips[index]:
+                    image = image[:, ::-1]
+                yield image, labels, replaced
+            group_index, offset = group_index + 1, 0
+
+
+def make_train_loader(spec: StreamSpec, pin_memory: bool = False) -> DataLoader:
+    workers = spec.num_workers
+    return DataLoader(
+        ShardStream(spec),
+        batch_size=None,  # batches are assembled in the stream
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def read_images(shards: list[ShardInfo], num: int, resolution: int) -> tuple[torch.Tensor, list[dict]]:
+    """The first `num` decodable images of `shards` in order (uint8 [N,3,H,W]) and their JSON attributes."""
+    import json
+
+    images, attributes = [], []
+    for shard in shards:
+        try:
+            for sample in iter_shard_samples(shard.path):
+                extension = image_extension(sample)
+                if extension is None:
+                    continue
+                try:
+                    images.append(decode_image(sample[extension], resolution))
+                except Exception:  # noqa: BLE001
+                    continue
+                attributes.append(json.loads(sample["json"]) if "json" in sample else {})
+                if len(images) == num:
+                    break
+        except ShardReadError as error:
+            print(f"facegen: warning: {error}", file=sys.stderr)
+        if len(images) == num:
+            break
+    if not images:
+        raise DataError(f"no readable images in {len(shards)} shard(s)")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), attributes
+
+
+def iter_split_chunks(shards: list[ShardInfo], num: int, batch_size: int, chunks: list[int], resolution: int):
+    """One pass over a split yielding (chunk, uint8 images) for the wanted chunks of its first `num` images.
+
+    Chunk c holds images c*batch_size ... ; only images in wanted chunks are decoded.
+    """
+    wanted = set(chunks)
+    pending: list[np.ndarray] = []
+    index = 0
+    for shard in shards:
+        for sample in iter_shard_samples(shard.path):
+            extension = image_extension(sample)
+            if extension is None:
+                continue
+            chunk = index // batch_size
+            if chunk in wanted:
+                try:
+                    pending.append(decode_image(sample[extension], resolution))
+                except Exception as error:  # noqa: BLE001
+                    raise DataError(f"{shard.path}: sample {sample['__key__']} is not a readable image ({error}); run `facegen data verify`") from None
+            index += 1
+            last_of_chunk = index % batch_size == 0 or index == num
+            if last_of_chunk and chunk in wanted:
+                yield chunk, torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).contiguous()
+                pending = []
+            if index == num:
+                return
+    if index < num:
+        raise DataError(f"split has {index} images, fewer than the {num} asked for")
+
+
+def count_split_images(shards: list[ShardInfo]) -> int:
+    return sum(shard.num_samples for shard in shards)

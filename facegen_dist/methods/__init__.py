@@ -1,0 +1,16 @@
+"""Registry of training methods, keyed by `model.name`."""
+
+from facegen_dist.methods.autoencoder import AutoencoderMethod
+from facegen_dist.methods.base import Method, Phase
+
+METHODS: dict[str, type[Method]] = {
+    "ae": AutoencoderMethod,
+    "vae": AutoencoderMethod,
+}
+
+
+def build_method(model_cfg, resolution: int) -> Method:
+    return METHODS[model_cfg.name](model_cfg, resolution)
+
+
+__all__ = ["METHODS", "Method", "Phase", "build_method"]

@@ -1,0 +1,62 @@
+"""The Method seam: the only place that knows a model family.
+
+The training loop asks a Method for its modules, its phases (one optimizer each: the AE has
+one, a GAN has a generator and a discriminator phase), the loss of a phase on a batch, and
+how to reconstruct and sample for the picture grids. It never branches on the model type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    modules: tuple[str, ...]  # whose parameters this phase's optimizer updates
+
+
+class Method:
+    config_class: ClassVar[type]
+
+    def __init__(self, model_cfg, resolution: int):
+        self.cfg = model_cfg
+        self.resolution = resolution
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def ema_modules(self) -> tuple[str, ...]:
+        """Modules that get an exponential moving average (used for grids and evaluation)."""
+        return ()
+
+    def loss(self, phase: str, modules: dict[str, nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss of `phase` on a batch of images in [0, 1], and named stats to log."""
+        raise NotImplementedError
+
+    def sampling_protocol(self) -> dict:
+        """How `sample` draws (prior, temperature, top-k ...), recorded with every metric."""
+        return {}
+
+    @torch.no_grad()
+    def reconstruct(self, modules: dict[str, nn.Module], images: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def sample(self, modules: dict[str, nn.Module], num: int, generator: torch.Generator) -> torch.Tensor | None:
+        return None
+
+    def latent_model(self, modules: dict[str, nn.Module]) -> nn.Module | None:
+        """The module the latent-space tools read, or None when the method has no continuous latent.
+
+        It has `encode(images) -> (mean, logvar or None)` and `decode(latents)` with
+        decode(encode(x)[0]) the reconstruction; a VQ method exposes its pre-quantisation latent.
+        """
+        return None

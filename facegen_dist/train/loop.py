@@ -1,0 +1,389 @@
+"""The one training loop: any Method, any number of processes, counted in images.
+
+Accelerate owns devices, DDP/DeepSpeed wrapping, mixed precision and the grad scaler. The
+loop owns the rest: phases with their optimizers, gradient accumulation, clipping, skipping
+non-finite steps on every rank at once, EMA, the image-based schedule, logging, grids and
+atomic checkpoints that resume bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from ema_pytorch import EMA
+from omegaconf import OmegaConf
+
+from facegen_dist.config import to_dict, to_yaml
+from facegen_dist.data.resolve import resolve_data_dir
+from facegen_dist.data.pipeline import StreamSpec, make_train_loader, read_images
+from facegen_dist.data.shards import read_manifest, split_shards
+from facegen_dist.dist.sync import parameter_checksums
+from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
+from facegen_dist.eval.extractors import build_extractor
+from facegen_dist.log.images import interleave_rows, save_grid
+from facegen_dist.log.logger import NullLogger, RunLogger, truncate_metrics
+from facegen_dist.log.stats import StatsCollector
+from facegen_dist.methods import build_method
+from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from facegen_dist.train.schedule import lr_factor
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    images_seen: int = 0
+    batches_consumed: int = 0  # per rank; the data stream's position
+    skipped_steps: int = 0
+    bad_samples: int = 0  # summed over ranks
+    train_seconds: float = 0.0
+    world_size: int = 1
+    num_workers: int = 0
+    wandb_run_id: str | None = None
+
+
+def _crossed(images_seen: int, images_per_step: int, interval: int) -> bool:
+    return images_seen // interval > (images_seen - images_per_step) // interval
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def _set_cpu_threads(cfg, accelerator) -> None:
+    if accelerator.device.type != "cpu":
+        return
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    torch.set_num_threads(cfg.train.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.accelerator = Accelerator(
+            mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
+            # Long: the first process of a node may render the embedded set while others wait.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
+        )
+        acc = self.accelerator
+        _set_cpu_threads(cfg, acc)
+        self.run_dir = Path(cfg.run.dir) / cfg.run.name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if acc.is_main_process:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        data_dir = self.data_dir = resolve_data_dir(cfg.data, acc)
+        self.train_shards = split_shards(data_dir, "train")
+        self.val_shards = split_shards(data_dir, "val")
+
+        set_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.method = build_method(cfg.model, cfg.data.resolution)
+        modules = self.method.build_modules()
+        self.phases = self.method.phases()
+        self.ema = {
+            name: EMA(modules[name], beta=cfg.train.ema_beta, update_after_step=0, update_every=1, include_online_model=False)
+            for name in self.method.ema_modules()
+        }
+        optimizers = {}
+        for phase in self.phases:
+            params = [p for name in phase.modules for p in modules[name].parameters()]
+            optimizers[phase.name] = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        names, phase_names = list(modules), list(optimizers)
+        prepared = acc.prepare(*[modules[n] for n in names], *[optimizers[n] for n in phase_names])
+        self.modules = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(phase_names, prepared[len(names):]))
+        for ema in self.ema.values():
+            ema.to(acc.device)
+            acc.register_for_checkpointing(ema)
+
+        set_seed(cfg.run.seed, device_specific=True)  # per-rank noise; replaced by the checkpoint's on resume
+        self.state = TrainerState(world_size=acc.num_processes, num_workers=cfg.data.num_workers)
+        self._resume_notes: list[str] = []
+        self.resumed_from = self._maybe_resume()
+        self.images_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        self.total_steps = math.ceil(cfg.train.total_images / self.images_per_step)
+        self.stats = StatsCollector()
+        self.extractor = self._eval_extractor()
+        self.logger = self._make_logger()
+
+    def _eval_extractor(self):
+        """Built at start-up so that missing weights stop the run now, not hours in."""
+        cfg = self.cfg
+        if not cfg.eval.every_images:
+            return None
+        metrics = check_metrics(list(cfg.eval.metrics))
+        needs = [m for m in metrics if m in FEATURE_METRICS]
+        return build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.data_dir).get("name")) if needs else None
+
+    def _maybe_resume(self) -> Path | None:
+        acc, cfg = self.accelerator, self.cfg
+        checkpoint = latest_checkpoint(self.ckpt_root)
+        if checkpoint is None:
+            return None
+        acc.load_state(str(checkpoint))
+        saved = read_trainer_state(checkpoint)
+        previous = TrainerState(**saved)
+        notes = []
+        if (previous.world_size, previous.num_workers) != (acc.num_processes, cfg.data.num_workers):
+            notes.append(f"world size/data workers changed from {previous.world_size}/{previous.num_workers}: the data order will differ from an uninterrupted run")
+        self.state = TrainerState(**{**saved, "world_size": acc.num_processes, "num_workers": cfg.data.num_workers})
+        self._resume_notes += notes
+        return checkpoint
+
+    def _make_logger(self):
+        acc, cfg = self.accelerator, self.cfg
+        if not acc.is_main_process:
+            return NullLogger()
+        config_path = self.run_dir / "config.yaml"
+        if self.resumed_from is not None and config_path.exists():
+            before = _flatten(OmegaConf.to_container(OmegaConf.load(config_path)))
+            now = _flatten(to_dict(cfg))
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                self._resume_notes.append(f"config changed since the last start: {', '.join(changed)}")
+        config_path.write_text(to_yaml(cfg))
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        logger = RunLogger(
+            self.run_dir, to_dict(cfg), total_images=self.total_steps * self.images_per_step, images_seen=self.state.images_seen,
+            wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_run_id=self.state.wandb_run_id, progress=cfg.log.progress,
+        )
+        self.state.wandb_run_id = logger.wandb_run_id
+        if self.resumed_from is not None:
+            logger.write(f"facegen: resumed from {self.resumed_from} at {self.state.images_seen} images (step {self.state.step})")
+            for note in self._resume_notes:
+                logger.write(f"facegen: note: {note}")
+        return logger
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _set_lr(self) -> float:
+        cfg = self.cfg
+        factor = lr_factor(self.state.images_seen, cfg.train.total_images, cfg.optim.warmup_images, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * factor
+        return cfg.optim.lr * factor
+
+    def _run_phase(self, phase, micro_batches: list[torch.Tensor]) -> bool:
+        """Forward/backward over the micro-batches, then one optimizer step. False if the step was skipped."""
+        acc, cfg = self.accelerator, self.cfg
+        phase_modules = [self.modules[name] for name in phase.modules]
+        optimizer = self.optimizers[phase.name]
+        step_stats = []
+        for index, images in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with contextlib.ExitStack() as stack:
+                if not last:  # accumulate locally; all-reduce gradients once, on the last micro-batch
+                    for module in phase_modules:
+                        stack.enter_context(acc.no_sync(module))
+                with acc.autocast():
+                    loss, stats = self.method.loss(phase.name, self.modules, images)
+                if self.state.step in cfg.debug.inject_nan_at_steps and acc.is_main_process:
+                    loss = loss * float("nan")
+                acc.backward(loss / len(micro_batches))
+            step_stats.append(stats)
+        params = [p for module in phase_modules for p in module.parameters()]
+        # The norm of the all-reduced gradients is the same on every rank, so every rank takes
+        # the same decision: a NaN/inf anywhere skips the step everywhere (no extra sync).
+        grad_norm = acc.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        finite = bool(torch.isfinite(grad_norm))
+        if acc.scaler is not None:
+            optimizer.step()  # the fp16 scaler skips non-finite steps itself and lowers its scale
+            finite = finite and not optimizer.step_was_skipped
+        elif finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if finite:
+            for stats in step_stats:
+                self.stats.add_dict(stats, prefix=f"{phase.name}/" if len(self.phases) > 1 else "")
+            self.stats.add(f"grad_norm/{phase.name}", grad_norm)
+        return finite
+
+    def _train_step(self, data_iter) -> float:
+        """One optimizer step of every phase; returns seconds spent waiting for data."""
+        acc, cfg = self.accelerator, self.cfg
+        wait_start = time.perf_counter()
+        batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
+        data_wait = time.perf_counter() - wait_start
+        self._bad_samples_local += sum(int(b["bad_samples"]) for b in batches)
+        micro_batches = [b["image"].to(acc.device, non_blocking=True).float().div_(255.0) for b in batches]
+        self._set_lr()
+        ok = all([self._run_phase(phase, micro_batches) for phase in self.phases])
+        if ok:
+            for ema in self.ema.values():
+                ema.update()
+        else:
+            self.state.skipped_steps += 1
+            self.logger.write(f"facegen: warning: non-finite loss or gradient at step {self.state.step}; step skipped ({self.state.skipped_steps} so far)")
+        self.state.step += 1
+        self.state.images_seen += self.images_per_step
+        self.state.batches_consumed += cfg.train.grad_accum
+        return data_wait
+
+    # ---- periodic work ---------------------------------------------------------------------
+
+    def _log(self, interval_images: int, interval_seconds: float, data_wait: float, evaluated: dict[str, float]) -> dict:
+        acc = self.accelerator
+        stats = self.stats.reduce(acc)
+        bad = acc.reduce(torch.tensor(float(self._bad_samples_local), device=acc.device), reduction="sum")
+        self.state.bad_samples += int(bad.item())
+        self._bad_samples_local = 0
+        row = {
+            "step": self.state.step,
+            "images_seen": self.state.images_seen,
+            "world_size": acc.num_processes,
+            "img_per_s": interval_images / max(interval_seconds, 1e-9),
+            "lr": self.optimizers[self.phases[0].name].param_groups[0]["lr"],
+            **stats,
+            **evaluated,
+            "skipped_steps": self.state.skipped_steps,
+            "bad_samples": self.state.bad_samples,
+            "data_wait_frac": data_wait / max(interval_seconds, 1e-9),
+            "peak_mem_gb": _peak_memory_gb(acc.device),
+        }
+        self.logger.log(row)
+        return row
+
+    def eval_modules(self) -> dict[str, torch.nn.Module]:
+        """EMA copies where the method has them, else the raw modules; in eval mode."""
+        modules = {name: self.ema[name].ema_model if name in self.ema else self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
+        for module in modules.values():
+            module.eval()
+        return modules
+
+    def _save_grids(self, val_images: torch.Tensor, tag: str) -> dict[str, str]:
+        """Reconstruction and sample grids (main process only; no collectives inside)."""
+        modules = self.eval_modules()
+        images = val_images.to(self.accelerator.device).float().div(255.0)
+        written = {}
+        with torch.no_grad(), self.accelerator.autocast():
+            reconstruction = self.method.reconstruct(modules, images)
+            samples = self.method.sample(modules, images.shape[0], torch.Generator().manual_seed(self.cfg.run.seed))
+        per_row = max(1, int(math.sqrt(images.shape[0])))
+        if reconstruction is not None:
+            path = self.run_dir / "samples" / f"reconstructions_{tag}.png"
+            save_grid(interleave_rows(images, reconstruction.float(), per_row), path, nrow=per_row)
+            written["reconstructions"] = str(path)
+        if samples is not None:
+            path = self.run_dir / "samples" / f"samples_{tag}.png"
+            save_grid(samples.float(), path, nrow=per_row)
+            written["samples"] = str(path)
+        for module in self.modules.values():
+            module.train()
+        return written
+
+    def _evaluate(self) -> dict[str, float]:
+        """In-training evaluation on every rank (small N); values go into this step's log row."""
+        cfg = self.cfg
+        context = {"run": cfg.run.name, "checkpoint": "in-training", "images_seen": self.state.images_seen, "ema": bool(self.ema)}
+        record = evaluate(
+            self.accelerator, self.method, self.eval_modules(), self.data_dir, cfg.eval, cfg.data.resolution,
+            self.extractor, list(cfg.eval.metrics), cfg.eval.during_training_num, context, self.run_dir / "eval",
+        )
+        for module in self.modules.values():
+            module.train()
+        return {f"eval/{name}": value for name, value in record["metrics"].items()}
+
+    def _checkpoint(self) -> None:
+        self.state.train_seconds += time.perf_counter() - self._segment_start
+        self._segment_start = time.perf_counter()
+        save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        self._bad_samples_local = 0
+        self._segment_start = time.perf_counter()
+        val_images = read_images(self.val_shards, cfg.log.num_grid_images, cfg.data.resolution)[0] if acc.is_main_process else None
+        spec = StreamSpec(
+            tuple(self.train_shards), cfg.data.resolution, cfg.train.batch_size, seed=cfg.run.seed,
+            rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
+            start_batch=state.batches_consumed, shuffle_group=cfg.data.shuffle_group, hflip=cfg.data.hflip,
+        )
+        data_iter = iter(make_train_loader(spec, pin_memory=acc.device.type == "cuda"))
+        for module in self.modules.values():
+            module.train()
+        last_row: dict = {}
+        interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
+        while state.step < self.total_steps:
+            interval_wait += self._train_step(data_iter)
+            interval_images += self.images_per_step
+            self.logger.advance(self.images_per_step)
+            seen, per_step = state.images_seen, self.images_per_step
+            final = state.step == self.total_steps
+            evaluated, eval_seconds = {}, 0.0
+            if cfg.eval.every_images and (_crossed(seen, per_step, cfg.eval.every_images) or final):
+                eval_start = time.perf_counter()
+                evaluated = self._evaluate()
+                eval_seconds = time.perf_counter() - eval_start
+            if _crossed(seen, per_step, cfg.train.log_every_images) or final or evaluated:
+                last_row = self._log(interval_images, time.perf_counter() - interval_start - eval_seconds, interval_wait, evaluated)
+                self.logger.advance(0, {k: f"{v:.4g}" for k, v in last_row.items() if k in ("loss", "mse", "kl", "img_per_s")})
+                interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
+            if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
+                self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
+            if _crossed(seen, per_step, cfg.train.ckpt_every_images) or final:
+                self._checkpoint()
+        return self._finish(last_row, val_images)
+
+    def _finish(self, last_row: dict, val_images) -> dict:
+        acc = self.accelerator
+        checksums = parameter_checksums(acc, self.modules)
+        summary = {}
+        if acc.is_main_process:
+            if val_images is not None:
+                written = self._save_grids(val_images, "final")
+                self.logger.log_images(written, step=self.state.step)
+            summary = {
+                "run": self.cfg.run.name,
+                "images_seen": self.state.images_seen,
+                "steps": self.state.step,
+                "world_size": acc.num_processes,
+                "mixed_precision": acc.mixed_precision,
+                "train_seconds": self.state.train_seconds,
+                "img_per_s_mean": self.state.images_seen / max(self.state.train_seconds, 1e-9),
+                "skipped_steps": self.state.skipped_steps,
+                "bad_samples": self.state.bad_samples,
+                "parameter_checksums": checksums,
+                "ranks_in_sync": len(set(checksums)) == 1,
+                "final": last_row,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if not summary["ranks_in_sync"]:
+                self.logger.write(f"facegen: warning: parameters differ across ranks: {checksums}")
+        self.logger.close()
+        return summary
+
+
+def run(cfg) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        if trainer.state.step >= trainer.total_steps:
+            trainer.logger.write(f"facegen: {trainer.run_dir} is already complete ({trainer.state.images_seen} images); nothing to do")
+            trainer.logger.close()
+            return {}
+        return trainer.fit()
+    finally:
+        trainer.accelerator.end_training()

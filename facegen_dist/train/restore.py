@@ -1,0 +1,50 @@
+"""Load a trained run's modules for inference (evaluation, sampling, analysis) without a Trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model
+
+from facegen_dist.config import load_config
+from facegen_dist.errors import FacegenError
+from facegen_dist.methods import Method, build_method
+from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state
+
+
+@dataclass
+class RestoredRun:
+    run_dir: Path
+    cfg: object
+    method: Method
+    modules: dict[str, torch.nn.Module]
+    checkpoint: Path
+    images_seen: int
+    ema: bool
+
+
+def restore_run(run_dir: str | Path, overrides: list[str] | None = None, device: torch.device | str = "cpu", use_ema: bool = True) -> RestoredRun:
+    """The newest checkpoint of `run_dir`, EMA weights where the method keeps them (unless use_ema=False)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FacegenError(f"--run {run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config([str(run_dir / "config.yaml")], overrides or [])
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise FacegenError(f"--run {run_dir}: no checkpoint yet")
+    method = build_method(cfg.model, cfg.data.resolution)
+    modules = method.build_modules()
+    # accelerate's save_state names: model.safetensors, model_1.safetensors, ... in prepare() order;
+    # registered objects (our EMAs, in ema_modules() order) as custom_checkpoint_<i>.pkl.
+    for index, module in enumerate(modules.values()):
+        load_model(module, str(checkpoint / f"model{'' if index == 0 else f'_{index}'}.safetensors"), device="cpu")
+    ema_names = method.ema_modules() if use_ema else ()
+    for index, name in enumerate(ema_names):
+        state = torch.load(checkpoint / f"custom_checkpoint_{index}.pkl", map_location="cpu", weights_only=True)
+        prefix = "ema_model."
+        modules[name].load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
+    for module in modules.values():
+        module.to(device).eval().requires_grad_(False)
+    return RestoredRun(run_dir, cfg, method, modules, checkpoint, read_trainer_state(checkpoint)["images_seen"], bool(ema_names))

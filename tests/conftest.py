@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny avatar shard set, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """380 avatars at 32 px: 342 train samples in 7 shards (an odd count, the last one short), 38 val."""
+    from facegen_dist.data.make_avatars import make_avatar_dataset
+
+    out = tmp_path_factory.mktemp("shards") / "avatars32"
+    make_avatar_dataset(out, num=380, size=32, seed=0, samples_per_shard=50, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_shards) -> Path:
+    """A folder holding runs/tiny: the tiny VAE trained for 320 images on tiny_shards (EMA, 2 checkpoints)."""
+    from helpers import TINY, run_train
+
+    root = tmp_path_factory.mktemp("trained")
+    result = run_train(root, *TINY, f"data.path={tiny_shards}", "run.name=tiny", "train.total_images=320", "train.ckpt_every_images=160")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root

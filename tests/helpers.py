@@ -1,0 +1,86 @@
+"""Test helpers: the tiny model settings and how tests launch real training processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = str(REPO / "train.py")
+
+# A small model on 32 px images: fast on 2 CPU cores, still the real code path.
+TINY = [
+    "data.resolution=32",
+    "model.channels=[8,16,16,32,32]",
+    "model.latent_dim=16",
+    "train.batch_size=8",
+    "optim.lr=2e-3",
+    "optim.warmup_images=0",
+    "optim.schedule=constant",
+    "log.wandb=off",
+    "log.progress=false",
+    "log.num_grid_images=16",
+    "data.num_workers=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env.pop("WANDB_API_KEY", None)
+    # tests/plugins holds the tiny feature extractor that eval tests register through eval.plugins
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests" / "plugins"), env.get("PYTHONPATH")]))
+    return env
+
+
+def accelerate_command(num_processes: int, *args: str, script: list[str] | None = None, mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch` as a user types it: two real CPU processes need --multi_gpu + ACCELERATE_USE_CPU.
+
+    `script` defaults to train.py; ["-m", "facegen_dist.cli"] launches the facegen CLI instead.
+    """
+    launcher = Path(sys.executable).with_name("accelerate")
+    command = [str(launcher), "launch", "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--main_process_port", str(free_port())]
+    return command + (script or [TRAIN_PY]) + list(args)
+
+
+def run_train(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 600, launcher: bool = False, mixed_precision: str = "no") -> subprocess.CompletedProcess:
+    """train.py in one plain process, or under `accelerate launch` (always when num_processes > 1)."""
+    if num_processes == 1 and not launcher:
+        command = [sys.executable, TRAIN_PY, *args]
+    else:
+        command = accelerate_command(num_processes, *args, mixed_precision=mixed_precision)
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_facegen(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The `facegen` CLI, in one process or under `accelerate launch -m facegen_dist.cli`."""
+    if num_processes == 1:
+        command = [sys.executable, "-m", "facegen_dist.cli", *args]
+    else:
+        command = accelerate_command(num_processes, *args, script=["-m", "facegen_dist.cli"])
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(cwd: Path, *args: str, num_processes: int = 2) -> subprocess.Popen:
+    """Start a training launch in its own process group (so the test can kill -9 all of it)."""
+    return subprocess.Popen(
+        accelerate_command(num_processes, *args), cwd=cwd, env=_env(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import pytest
+
+from facegen_dist.config import load_config
+from facegen_dist.errors import ConfigError
+from helpers import TRAIN_PY
+
+
+def test_yaml_then_overrides_win(tmp_path, tiny_shards):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {tiny_shards}\nmodel:\n  name: ae\n  latent_dim: 32\ntrain:\n  total_images: 100\n")
+    cfg = load_config([str(config)], ["train.total_images=200", "log.wandb=off"])
+    assert cfg.model.name == "ae" and cfg.model.latent_dim == 32
+    assert cfg.train.total_images == 200
+    assert cfg.log.wandb == "off"  # YAML 1.1 would read a bare `off` as false
+    assert list(cfg.model.channels) == [32, 64, 128, 256, 512]  # method schema defaults filled in
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.latnt_dim=3", "model.latnt_dim: unknown key"),
+        ("trian.total_images=3", "trian: unknown key"),
+        ("train.total_images=abc", "train.total_images:"),
+        ("train.precision=fp8", "train.precision:"),
+        ("model.name=stylegan9", "model.name: unknown method"),
+        ("data.path=/no/such/shards", "data.path: no shards at '/no/such/shards'"),
+        ("data.resolution=48", "data.resolution:"),
+    ],
+)
+def test_bad_config_is_one_line(override, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config([], [override])
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("model.latnt_dim=3", "model.latnt_dim"), ("train.batch_size=many", "train.batch_size"), ("data.path=/no/such/shards", "data.path")],
+)
+def test_cli_bad_config_exits_nonzero_with_one_line(tmp_path, override, key):
+    result = subprocess.run([sys.executable, TRAIN_PY, override], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("facegen: error: ") and key in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_config_file_is_reported(tmp_path):
+    result = subprocess.run([sys.executable, TRAIN_PY, "--config", "nope.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "nope.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shipped_configs_load(tiny_shards):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        cfg = load_config([str(path)], [f"data.path={tiny_shards}"])
+        assert cfg.model.name in ("ae", "vae")

@@ -1,0 +1,103 @@
+"""Training end to end with real processes: 2-rank DDP on gloo, kill -9 + resume, bf16, NaN skipping."""
+
+import json
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import TINY, read_metrics, run_train, start_train
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+
+
+def test_two_processes_train_in_sync_and_loss_falls(tmp_path, tiny_shards):
+    result = run_train(
+        tmp_path, *TINY, f"data.path={tiny_shards}", "run.name=ddp", "train.total_images=1920",
+        "train.log_every_images=160", "train.sample_every_images=960", "train.ckpt_every_images=960",
+        "train.grad_accum=2", "debug.inject_nan_at_steps=[5]", num_processes=2,
+    )
+    _assert_ok(result)
+    run_dir = tmp_path / "runs" / "ddp"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(summary["parameter_checksums"]) == 2 and summary["ranks_in_sync"]
+    assert summary["images_seen"] == 1920  # 8 per micro-batch x 2 micro-batches x 2 ranks x 60 steps; 7 shards over 2 ranks
+    assert summary["steps"] == 60
+    assert summary["skipped_steps"] == 1  # NaN on rank 0 only: both ranks skipped that step together
+    rows = read_metrics(run_dir)
+    assert all(row["world_size"] == 2 for row in rows)
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [round(r["loss"], 2) for r in rows]
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "samples" / "reconstructions_final.png").is_file()
+    assert (run_dir / "samples" / "samples_final.png").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["ckpt-000000000960", "ckpt-000000001920"]
+
+
+def _resume_args(name):
+    # Every step logged (8 images x 2 ranks), so per-step losses can be compared exactly.
+    return [*TINY, "model.channels=[16,32,64,64,64]", "data.num_workers=2", f"run.name={name}",
+            "train.total_images=2400", "train.log_every_images=16", "train.ckpt_every_images=480",
+            "train.sample_every_images=100000", "optim.schedule=cosine", "optim.warmup_images=160"]
+
+
+def test_kill9_then_rerun_reproduces_uninterrupted_losses(tmp_path, tiny_shards):
+    data = f"data.path={tiny_shards}"
+    reference = run_train(tmp_path, *_resume_args("reference"), data, num_processes=2)
+    _assert_ok(reference)
+
+    crashed_dir = tmp_path / "runs" / "crashed"
+    launch = start_train(tmp_path, *_resume_args("crashed"), data)
+    deadline = time.time() + 300
+    while not list((crashed_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert launch.poll() is None, "training ended before the test could kill it:\n" + launch.stdout.read()[-3000:]
+    os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to clean up
+    launch.wait(timeout=60)
+    assert not (crashed_dir / "summary.json").exists()
+    assert read_metrics(crashed_dir)[-1]["step"] < 150
+
+    resumed = run_train(tmp_path, *_resume_args("crashed"), data, num_processes=2)
+    _assert_ok(resumed)
+    assert "resumed from" in resumed.stderr
+
+    expected, got = read_metrics(tmp_path / "runs" / "reference"), read_metrics(crashed_dir)
+    assert [row["step"] for row in got] == list(range(1, 151))  # no step lost or logged twice
+    for want, have in zip(expected, got):
+        for key in ("loss", "mse", "kl", "lr", "grad_norm/autoencoder", "images_seen"):
+            assert want[key] == have[key], f"step {want['step']} {key}: {want[key]} != {have[key]}"
+    final_reference = json.loads((tmp_path / "runs" / "reference" / "summary.json").read_text())
+    final_resumed = json.loads((crashed_dir / "summary.json").read_text())
+    assert final_reference["parameter_checksums"] == final_resumed["parameter_checksums"]
+
+
+def test_bf16_nan_skip_wandb_offline_and_rerun_is_noop(tmp_path, tiny_shards):
+    # bf16 from the launcher: train.precision=auto (the default) follows `accelerate launch --mixed_precision`.
+    args = [*TINY, f"data.path={tiny_shards}", "run.name=bf16", "train.total_images=320",
+            "train.log_every_images=8", "train.ckpt_every_images=160", "debug.inject_nan_at_steps=[3]", "log.wandb=offline"]
+    result = run_train(tmp_path, *args, launcher=True, mixed_precision="bf16")
+    _assert_ok(result)
+    assert "non-finite loss or gradient at step 3" in result.stderr
+    run_dir = tmp_path / "runs" / "bf16"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["mixed_precision"] == "bf16"
+    rows = read_metrics(run_dir)
+    assert len(rows) == 40 and rows[-1]["skipped_steps"] == 1
+    assert all(math.isfinite(value) for row in rows for value in row.values())
+    weights = load_file(str(run_dir / "checkpoints" / "ckpt-000000000320" / "model.safetensors"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+    again = run_train(tmp_path, *args, launcher=True, mixed_precision="bf16")
+    _assert_ok(again)
+    assert "already complete" in again.stderr
+    assert len(read_metrics(run_dir)) == 40

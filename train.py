@@ -1,0 +1,8 @@
+"""Entry point for `accelerate launch train.py [--config FILE] [key=value ...]`."""
+
+import sys
+
+from facegen_dist.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))
