@@ -99,13 +99,22 @@ def latent_main(argv: list[str]) -> int:
         return _fail(str(error))
 
 
-COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main}
+def sample_main(argv: list[str]) -> int:
+    try:
+        from facegen_dist.eval.sampling import sample_main as run_sample
+
+        return run_sample(argv)
+    except FacegenError as error:
+        return _fail(str(error))
+
+
+COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: facegen {train,data,eval,latent} ...\n  train  train a model (same as train.py)\n  data   make or verify shards\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors", file=sys.stderr)
+        print("usage: facegen {train,data,eval,sample,extractor,latent} ...\n  train  train a model (same as train.py)\n  data   make or verify shards\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors", file=sys.stderr)
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
     return COMMANDS[argv[0]](argv[1:])
 

@@ -2,10 +2,15 @@
 
 from facegen_dist.methods.autoencoder import AutoencoderMethod
 from facegen_dist.methods.base import Method, Phase
+from facegen_dist.methods.prior import PixelCNNPriorMethod
+from facegen_dist.methods.vqvae import VQVAEMethod
 
 METHODS: dict[str, type[Method]] = {
     "ae": AutoencoderMethod,
     "vae": AutoencoderMethod,
+    "vqvae": VQVAEMethod,
+    "vqvae2": VQVAEMethod,
+    "pixelcnn_prior": PixelCNNPriorMethod,
 }
 
 

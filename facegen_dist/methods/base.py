@@ -8,6 +8,7 @@ how to reconstruct and sample for the picture grids. It never branches on the mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -52,6 +53,10 @@ class Method:
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], num: int, generator: torch.Generator) -> torch.Tensor | None:
         return None
+
+    def figures(self, modules: dict[str, nn.Module], out_dir: Path, tag: str) -> dict[str, str]:
+        """Extra PNGs saved with the grids (e.g. codebook usage); name -> path. Main process only, no collectives."""
+        return {}
 
     def latent_model(self, modules: dict[str, nn.Module]) -> nn.Module | None:
         """The module the latent-space tools read, or None when the method has no continuous latent.

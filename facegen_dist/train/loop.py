@@ -289,6 +289,7 @@ class Trainer:
             path = self.run_dir / "samples" / f"samples_{tag}.png"
             save_grid(samples.float(), path, nrow=per_row)
             written["samples"] = str(path)
+        written.update(self.method.figures(modules, self.run_dir / "samples", tag))
         for module in self.modules.values():
             module.train()
         return written

@@ -1,0 +1,33 @@
+"""Small matplotlib figures for the run folder and the dashboards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def codebook_usage_figure(usage: dict[str, torch.Tensor], path: Path) -> None:
+    """One panel per code level: codes sorted by how often they are picked (log scale), with perplexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(usage), figsize=(5 * len(usage), 3.2), squeeze=False)
+    for axis, (level, counts) in zip(axes[0], usage.items()):
+        counts = counts.float().cpu()
+        share = counts / counts.sum().clamp(min=1e-12)
+        perplexity = torch.exp(-(share * torch.log(share.clamp(min=1e-12))).sum()).item()
+        ordered = share.sort(descending=True).values.numpy()
+        axis.bar(range(len(ordered)), ordered + 1e-7, width=1.0, color="tab:blue")
+        axis.set_yscale("log")
+        axis.set_xlabel("code (sorted by use)")
+        axis.set_ylabel("share of picks (EMA)")
+        axis.set_title(f"{level}: {len(ordered)} codes, perplexity {perplexity:.0f}, used {(share > 1e-4).float().mean().item():.0%}")
+    figure.tight_layout()
+    tmp = f"{path}.tmp.png"
+    figure.savefig(tmp, dpi=90)
+    plt.close(figure)
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""The prior stage: gated PixelCNNs over the codes of a finished VQ-VAE / VQ-VAE2 run.
+
+One phase (and optimizer) per code level: for VQ-VAE2 a top prior and a bottom prior
+conditioned on the top codes, trained side by side on the same batches. The VQ model is
+loaded frozen from `model.vq_run` and encodes each batch on the fly: an encoder pass costs a
+fraction of the PixelCNN's, it needs no code shards to be extracted and kept in step with
+the VQ checkpoint, and the data stream's flips augment the code distribution for free.
+Sampling draws top codes, then bottom codes given them, and decodes with the VQ decoder.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facegen_dist.errors import ConfigError
+from facegen_dist.methods.base import Method, Phase
+from facegen_dist.models.pixelcnn import GatedPixelCNN
+
+
+@dataclass
+class PixelCNNPriorConfig:
+    name: str = "pixelcnn_prior"
+    vq_run: str = ""  # folder of the trained vqvae / vqvae2 run whose codes are modelled (its newest checkpoint, EMA weights)
+    channels: int = 128
+    layers: int = 12
+    kernel_size: int = 5
+    temperature: float = 1.0  # sampling
+    top_k: int = 0  # sampling: keep the k most likely codes (0 = all)
+
+
+class PixelCNNPriorMethod(Method):
+    config_class = PixelCNNPriorConfig
+
+    def __init__(self, model_cfg, resolution: int):
+        super().__init__(model_cfg, resolution)
+        from facegen_dist.train.restore import restore_run  # late: restore builds methods
+
+        if not model_cfg.vq_run:
+            raise ConfigError("model.vq_run: required: the folder of a trained vqvae/vqvae2 run, e.g. runs/vqvae2_avatars64")
+        if model_cfg.temperature <= 0 or model_cfg.top_k < 0:
+            raise ConfigError("model.temperature must be > 0 and model.top_k >= 0")
+        vq_run = restore_run(model_cfg.vq_run)
+        if vq_run.cfg.model.name not in ("vqvae", "vqvae2"):
+            raise ConfigError(f"model.vq_run: {model_cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not vqvae/vqvae2")
+        if vq_run.cfg.data.resolution != resolution:
+            raise ConfigError(f"data.resolution: {resolution} differs from the VQ run's {vq_run.cfg.data.resolution}")
+        self.vq_run = vq_run
+        self.vq = vq_run.modules["vqvae"]
+        self.num_codes = vq_run.cfg.model.num_codes
+        self.grids = self.vq.grid_shapes(resolution)
+        self._cached_codes: tuple[weakref.ref, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return tuple(self.grids)  # ("top", "bottom") or ("bottom",): sampling order
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        cfg, modules = self.cfg, {}
+        for level in self.levels:
+            conditioned = level == "bottom" and "top" in self.grids
+            modules[f"prior_{level}"] = GatedPixelCNN(
+                self.num_codes, cfg.channels, cfg.layers, cfg.kernel_size,
+                cond_codes=self.num_codes if conditioned else 0, cond_scale=2,
+            )
+        return modules
+
+    def phases(self) -> list[Phase]:
+        return [Phase(f"prior_{level}", (f"prior_{level}",)) for level in self.levels]
+
+    def ema_modules(self) -> tuple[str, ...]:
+        return tuple(f"prior_{level}" for level in self.levels)
+
+    @torch.no_grad()
+    def codes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Code grids of a batch, computed once per batch for all phases."""
+        if self._cached_codes is not None and self._cached_codes[0]() is images:
+            return self._cached_codes[1]
+        self.vq.to(images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            _, indices, _, _ = self.vq.encode(images.float())
+        self._cached_codes = (weakref.ref(images), indices)
+        return indices
+
+    def _condition(self, level: str, codes: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return codes["top"] if level == "bottom" and "top" in codes else None
+
+    def loss(self, phase, modules, images):
+        level = phase[len("prior_"):]
+        codes = self.codes(images)
+        # Through forward() (not the model's own loss()) so that DDP's gradient hooks run.
+        logits = modules[phase](codes[level], self._condition(level, codes))
+        loss = F.cross_entropy(logits.float(), codes[level])
+        # nats per code -> bits per code, the figure PixelCNN papers report
+        return loss, {"nll": loss.detach(), "bits_per_code": loss.detach() / 0.6931471805599453}
+
+    def sampling_protocol(self) -> dict:
+        return {"prior": f"gated PixelCNN over {', '.join(self.levels)} codes", "temperature": self.cfg.temperature,
+                "top_k": self.cfg.top_k, "vq_run": str(self.cfg.vq_run), "vq_checkpoint": self.vq_run.checkpoint.name}
+
+    @torch.no_grad()
+    def sample_codes(self, modules, num: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        codes: dict[str, torch.Tensor] = {}
+        for level in self.levels:
+            height, width = self.grids[level]
+            codes[level] = modules[f"prior_{level}"].sample(
+                num, height, width, cond=self._condition(level, codes), generator=generator,
+                temperature=self.cfg.temperature, top_k=self.cfg.top_k,
+            )
+        return codes
+
+    @torch.no_grad()
+    def sample(self, modules, num, generator):
+        codes = self.sample_codes(modules, num, generator)
+        device = codes[self.levels[0]].device
+        self.vq.to(device)
+        with torch.autocast(device.type, enabled=False):
+            return self.vq.decode_codes(codes).clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, modules, images):
+        """The VQ model's reconstruction: the best a perfect prior could sample."""
+        self.vq.to(images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            reconstruction, _, _, _ = self.vq(images.float())
+        return reconstruction
