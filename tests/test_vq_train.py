@@ -1,0 +1,117 @@
+"""The VQ family end to end with real processes: 2-rank VQ-VAE2 training, then the PixelCNN prior stage
+(train, kill -9 and resume exactly, sample a PNG grid with 1 and 2 processes)."""
+
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import read_metrics, run_facegen, run_train, start_train
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["data.resolution=32", "train.batch_size=8", "log.wandb=off", "log.progress=false", "log.num_grid_images=16", "data.num_workers=1"]
+TINY_VQVAE2 = [*COMMON, "model.name=vqvae2", "model.channels=16", "model.res_blocks=1", "model.res_channels=8", "model.embed_dim=8",
+               "model.num_codes=32", "model.downsample=4", "model.dead_code_steps=10", "optim.lr=2e-3", "optim.warmup_images=0"]
+
+
+def _assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def vq_root(tmp_path_factory, tiny_shards):
+    """runs/vq: a tiny VQ-VAE2 trained by two processes for 1280 images."""
+    root = tmp_path_factory.mktemp("vq")
+    result = run_train(root, *TINY_VQVAE2, f"data.path={tiny_shards}", "run.name=vq", "train.total_images=1280",
+                       "train.log_every_images=160", "train.ckpt_every_images=640", "train.sample_every_images=640", num_processes=2)
+    _assert_ok(result)
+    return root
+
+
+def test_two_process_vqvae2_codebooks_identical_usage_healthy_loss_falls(vq_root):
+    run_dir = vq_root / "runs" / "vq"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 80
+    # The codebooks are Parameters (frozen under the EMA rule), so the per-rank checksums cover them.
+    assert len(summary["parameter_checksums"]) == 2 and summary["ranks_in_sync"], summary["parameter_checksums"]
+    rows = read_metrics(run_dir)
+    assert all(row["world_size"] == 2 for row in rows)
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [round(r["loss"], 4) for r in rows]
+    for level in ("top", "bottom"):
+        assert rows[-1][f"codebook_{level}/used_frac"] > 0.5, rows[-1]
+        assert rows[-1][f"codebook_{level}/perplexity"] > 4, rows[-1]
+        assert math.isfinite(rows[-1][f"codebook_{level}/restarts"])
+    assert (run_dir / "samples" / "reconstructions_final.png").is_file()
+    assert (run_dir / "samples" / "codebook_usage_final.png").is_file()
+    assert not (run_dir / "samples" / "samples_final.png").exists()  # a VQ run has no prior to sample from yet
+
+
+def _prior_args(name, vq_root, tiny_shards):
+    # Every step logged (8 images x 2 ranks) so that per-step losses can be compared exactly.
+    return [*COMMON, "model.name=pixelcnn_prior", f"model.vq_run={vq_root / 'runs' / 'vq'}", "model.channels=16", "model.layers=3",
+            "model.kernel_size=3", f"data.path={tiny_shards}", f"run.name={name}", "train.total_images=1920",
+            "train.log_every_images=16", "train.ckpt_every_images=320", "train.sample_every_images=100000",
+            "optim.lr=2e-3", "optim.warmup_images=160", "optim.schedule=cosine"]
+
+
+def test_prior_trains_resumes_exactly_after_kill9_and_samples(vq_root, tiny_shards, tmp_path):
+    reference = run_train(tmp_path, *_prior_args("reference", vq_root, tiny_shards), num_processes=2)
+    _assert_ok(reference)
+
+    crashed_dir = tmp_path / "runs" / "crashed"
+    launch = start_train(tmp_path, *_prior_args("crashed", vq_root, tiny_shards))
+    deadline = time.time() + 300
+    while not list((crashed_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert launch.poll() is None, "training ended before the test could kill it:\n" + launch.stdout.read()[-3000:]
+    os.killpg(launch.pid, signal.SIGKILL)
+    launch.wait(timeout=60)
+    assert not (crashed_dir / "summary.json").exists()
+    resumed = run_train(tmp_path, *_prior_args("crashed", vq_root, tiny_shards), num_processes=2)
+    _assert_ok(resumed)
+    assert "resumed from" in resumed.stderr
+
+    expected, got = read_metrics(tmp_path / "runs" / "reference"), read_metrics(crashed_dir)
+    assert [row["step"] for row in got] == list(range(1, 121))
+    for want, have in zip(expected, got):
+        for key in ("prior_top/nll", "prior_bottom/nll", "grad_norm/prior_top", "grad_norm/prior_bottom", "lr"):
+            assert want[key] == have[key], f"step {want['step']} {key}: {want[key]} != {have[key]}"
+    assert expected[-1]["prior_bottom/nll"] < expected[0]["prior_bottom/nll"]
+    final = [json.loads((tmp_path / "runs" / name / "summary.json").read_text()) for name in ("reference", "crashed")]
+    assert final[0]["parameter_checksums"] == final[1]["parameter_checksums"] and final[0]["ranks_in_sync"]
+
+    # Sampling: the same grid from 1 and 2 processes (fixed chunks, per-chunk seeds).
+    grids = {}
+    for processes in (1, 2):
+        out = tmp_path / f"grid{processes}.png"
+        result = run_facegen(tmp_path, "sample", "--run", "runs/reference", "--num", "6", "--batch-size", "2", "--out", str(out), num_processes=processes)
+        _assert_ok(result)
+        grids[processes] = out.read_bytes()
+        record = json.loads(out.with_suffix(".json").read_text())
+        assert record["processes"] == processes and record["num"] == 6 and record["seconds_per_image"] > 0
+        assert record["protocol"]["vq_run"].endswith("vq")
+    with Image.open(tmp_path / "grid1.png") as image:
+        assert image.size == (2 * (32 + 2) + 2, 3 * (32 + 2) + 2)  # 6 samples, 2 per row, 2 px padding
+        assert len(np.unique(np.asarray(image.convert("L")))) > 10  # not a blank image
+    assert grids[1] == grids[2]
+
+
+def test_sampling_a_vq_run_or_a_missing_run_is_one_line(vq_root, tmp_path):
+    result = run_facegen(vq_root, "sample", "--run", "runs/vq", "--num", "4", "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("facegen: error")]
+    assert len(lines) == 1 and "pixelcnn_prior" in lines[0] and "Traceback" not in result.stderr
+    result = run_facegen(vq_root, "sample", "--run", "runs/nothing", "--num", "4", "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "not a run folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prior_on_a_non_vq_run_is_one_line(trained_run, tiny_shards, tmp_path):
+    result = run_train(tmp_path, *COMMON, "model.name=pixelcnn_prior", f"model.vq_run={trained_run / 'runs' / 'tiny'}", f"data.path={tiny_shards}", "train.total_images=16")
+    assert result.returncode == 2
+    assert "is a 'vae' run, not vqvae/vqvae2" in result.stderr and "Traceback" not in result.stderr
