@@ -89,7 +89,9 @@ def test_kmeans_init_finds_the_clusters():
 def test_dead_codes_are_restarted_from_encoder_outputs():
     torch.manual_seed(0)
     quantizer = VectorQuantizer(num_codes=8, dim=2, kmeans_init=False, dead_code_steps=2)
-    quantizer.codebook.data = torch.cat([torch.zeros(1, 2), torch.full((7, 2), 100.0)])  # only code 0 is ever picked
+    codes = torch.cat([torch.zeros(1, 2), torch.full((7, 2), 100.0)])  # only code 0 is ever picked
+    quantizer.codebook.data.copy_(codes)
+    quantizer.embed_sum.copy_(codes)  # consistent EMA state: the far codes stay far until restarted
     vectors = torch.randn(1, 2, 4, 4)
     for _ in range(2):
         _, _, _, stats = quantizer(vectors)
@@ -97,6 +99,22 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
     flat = vectors.permute(0, 2, 3, 1).reshape(-1, 2)
     for code in quantizer.codebook.data[1:]:
         assert torch.isclose(flat, code).all(1).any(), "a restarted code is not one of the current encoder outputs"
+
+
+def test_ema_codebook_without_kmeans_stays_put_and_non_finite_batches_teach_it_nothing():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(num_codes=16, dim=4, update="ema", decay=0.99, kmeans_init=False)
+    initial = quantizer.codebook.data.clone()
+    quantizer(torch.randn(2, 4, 4, 4))
+    assert (quantizer.codebook.data - initial).abs().max() < 0.1  # one step moves codes by ~1 %, no blow-up
+    before = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    poisoned = torch.randn(2, 4, 4, 4)
+    poisoned[0, 0, 0, 0] = float("inf")
+    quantizer(poisoned)
+    for key, value in quantizer.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} learnt from a non-finite batch"
+    _, _, loss, _ = quantizer(torch.randn(2, 4, 4, 4))
+    assert torch.isfinite(loss)
 
 
 def test_cosine_codes_are_unit_length():

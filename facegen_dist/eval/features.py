@@ -66,7 +66,7 @@ def distributed_features(
     and optionally per-image float rows (e.g. `psnr`), gathered as they are.
     """
     if math.ceil(num / batch_size) < accelerator.num_processes:  # same verdict on every rank: no hang
-        raise FacegenError(f"eval: {num} samples in batches of {batch_size} give fewer batches than the {accelerator.num_processes} processes; lower eval.batch_size")
+        raise FacegenError(f"{description}: {num} samples in batches of {batch_size} give fewer batches than the {accelerator.num_processes} processes; use a smaller batch size (eval.batch_size, or --batch-size)")
     chunks = my_chunks(num, batch_size, accelerator.process_index, accelerator.num_processes)
     bounds = chunk_bounds(num, batch_size)
     collected: dict[str, list[torch.Tensor]] = {}

@@ -16,16 +16,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
+from omegaconf import OmegaConf
 
 from facegen_dist.errors import FacegenError
 from facegen_dist.eval.features import distributed_features, to_uint8
 from facegen_dist.log.images import save_grid
-from facegen_dist.methods.base import Method
 from facegen_dist.train.restore import restore_run
 
 
 def _overrides(args) -> list[str]:
     extra = list(args.overrides)
+    if args.temperature is not None or args.top_k is not None:
+        config = Path(args.run) / "config.yaml"
+        name = OmegaConf.load(config).model.name if config.is_file() else None
+        if name is not None and name != "pixelcnn_prior":
+            raise FacegenError(f"--temperature/--top-k: only pixelcnn_prior runs sample with them; {args.run} is a '{name}' run")
     if args.temperature is not None:
         extra.append(f"model.temperature={args.temperature}")
     if args.top_k is not None:
@@ -53,7 +58,7 @@ def sample_main(argv: list[str]) -> int:
     try:
         restored = restore_run(args.run, _overrides(args), device=accelerator.device, use_ema=not args.no_ema)
         method, modules = restored.method, restored.modules
-        if type(method).sample is Method.sample:  # the base class draws nothing
+        if not method.can_sample():
             raise FacegenError(f"--run {args.run}: a '{restored.cfg.model.name}' run cannot sample (a VQ run needs a pixelcnn_prior run trained on it: model.name=pixelcnn_prior model.vq_run={args.run})")
         resolution = restored.cfg.data.resolution
 

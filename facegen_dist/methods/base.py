@@ -50,6 +50,10 @@ class Method:
     def reconstruct(self, modules: dict[str, nn.Module], images: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def can_sample(self) -> bool:
+        """Whether `sample` draws images (the base class draws none)."""
+        return type(self).sample is not Method.sample
+
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], num: int, generator: torch.Generator) -> torch.Tensor | None:
         return None

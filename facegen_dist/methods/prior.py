@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facegen_dist.errors import ConfigError
+from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.methods.base import Method, Phase
 from facegen_dist.models.pixelcnn import GatedPixelCNN
 
@@ -25,7 +25,10 @@ from facegen_dist.models.pixelcnn import GatedPixelCNN
 @dataclass
 class PixelCNNPriorConfig:
     name: str = "pixelcnn_prior"
-    vq_run: str = ""  # folder of the trained vqvae / vqvae2 run whose codes are modelled (its newest checkpoint, EMA weights)
+    vq_run: str = ""  # folder of the trained vqvae / vqvae2 run whose codes are modelled (EMA weights)
+    # A checkpoint folder name of vq_run, e.g. ckpt-000000064000; empty = its newest. Name one when the VQ
+    # run may still train: a resumed prior (and `facegen sample`) must see the same codes.
+    vq_checkpoint: str = ""
     channels: int = 128
     layers: int = 12
     kernel_size: int = 5
@@ -44,7 +47,10 @@ class PixelCNNPriorMethod(Method):
             raise ConfigError("model.vq_run: required: the folder of a trained vqvae/vqvae2 run, e.g. runs/vqvae2_avatars64")
         if model_cfg.temperature <= 0 or model_cfg.top_k < 0:
             raise ConfigError("model.temperature must be > 0 and model.top_k >= 0")
-        vq_run = restore_run(model_cfg.vq_run)
+        try:
+            vq_run = restore_run(model_cfg.vq_run, checkpoint_name=model_cfg.vq_checkpoint)
+        except FacegenError as error:
+            raise ConfigError(f"model.vq_run: {error}") from None
         if vq_run.cfg.model.name not in ("vqvae", "vqvae2"):
             raise ConfigError(f"model.vq_run: {model_cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not vqvae/vqvae2")
         if vq_run.cfg.data.resolution != resolution:
@@ -53,7 +59,8 @@ class PixelCNNPriorMethod(Method):
         self.vq = vq_run.modules["vqvae"]
         self.num_codes = vq_run.cfg.model.num_codes
         self.grids = self.vq.grid_shapes(resolution)
-        self._cached_codes: tuple[weakref.ref, dict[str, torch.Tensor]] | None = None
+        # (weak reference to a batch, its codes) for the micro-batches of the current step: every phase reads them.
+        self._cached_codes: list[tuple[weakref.ref, dict[str, torch.Tensor]]] = []
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -78,12 +85,13 @@ class PixelCNNPriorMethod(Method):
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Code grids of a batch, computed once per batch for all phases."""
-        if self._cached_codes is not None and self._cached_codes[0]() is images:
-            return self._cached_codes[1]
+        for reference, cached in self._cached_codes:
+            if reference() is images:
+                return cached
         self.vq.to(images.device)
         with torch.autocast(images.device.type, enabled=False):
             _, indices, _, _ = self.vq.encode(images.float())
-        self._cached_codes = (weakref.ref(images), indices)
+        self._cached_codes = [(r, c) for r, c in self._cached_codes if r() is not None] + [(weakref.ref(images), indices)]
         return indices
 
     def _condition(self, level: str, codes: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -100,7 +108,7 @@ class PixelCNNPriorMethod(Method):
 
     def sampling_protocol(self) -> dict:
         return {"prior": f"gated PixelCNN over {', '.join(self.levels)} codes", "temperature": self.cfg.temperature,
-                "top_k": self.cfg.top_k, "vq_run": str(self.cfg.vq_run), "vq_checkpoint": self.vq_run.checkpoint.name}
+                "top_k": self.cfg.top_k, "vq_run": str(self.cfg.vq_run), "vq_checkpoint": self.vq_run.checkpoint.name, "vq_ema": self.vq_run.ema}
 
     @torch.no_grad()
     def sample_codes(self, modules, num: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

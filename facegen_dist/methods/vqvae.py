@@ -29,9 +29,9 @@ class VQVAEConfig:
     downsample: int = 4  # bottom grid = resolution / downsample; VQ-VAE2's top grid is half of it
     beta: float = 0.25  # commitment weight
     codebook_update: str = "ema"  # ema | loss
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99  # per forward pass: with train.grad_accum=k the codebook moves k times a step
     kmeans_init: bool = True  # codebook = k-means of the first batch's encoder outputs (all ranks)
-    dead_code_steps: int = 100  # re-seed codes unused for this many steps (0 = never)
+    dead_code_steps: int = 100  # re-seed codes unused for this many forward passes (micro-batches; 0 = never)
     cosine: bool = False  # l2-normalised codes and latents
     recon_weight: float = 1.0
 

@@ -37,6 +37,12 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped [N, D] tensors of every rank, in rank order."""
     if _world() == 1:
@@ -81,7 +87,9 @@ class VectorQuantizer(nn.Module):
         # A Parameter in both modes (frozen under EMA) so parameter checksums and EMA-of-weights cover it.
         initial = torch.randn(num_codes, dim) if not cosine else F.normalize(torch.randn(num_codes, dim), dim=1)
         self.codebook = nn.Parameter(initial, requires_grad=update == "loss")
-        self.register_buffer("cluster_size", torch.zeros(num_codes))  # EMA of assignment counts (all modes: telemetry)
+        # EMA of assignment counts (all modes: telemetry). Starts at one pick per code, matching embed_sum = codes,
+        # so that the first EMA update keeps the codes where they are instead of dividing by ~0.
+        self.register_buffer("cluster_size", torch.ones(num_codes))
         self.register_buffer("embed_sum", initial.clone())  # EMA of assigned vector sums (ema mode)
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))
@@ -123,12 +131,17 @@ class VectorQuantizer(nn.Module):
             loss = loss + F.mse_loss(quantized, latents.detach())
         counts = torch.bincount(indices, minlength=self.num_codes).float()
         if self.training:
-            counts = _all_reduce_sum(counts)
-            self._track_usage(counts)
-            if self.update == "ema":
-                self._ema_update(flat.detach(), indices, counts)
-            if self.dead_code_steps:
-                self._restart_dead_codes(flat.detach())
+            # One slot more for "this rank saw a NaN/inf latent": the loop will skip the step, and the
+            # codebook must not learn from it either (it would carry the NaN to every rank for good).
+            non_finite = (~torch.isfinite(flat).all()).float().reshape(1)
+            reduced = _all_reduce_sum(torch.cat([counts, non_finite]))
+            counts = reduced[:-1]
+            if reduced[-1] == 0:
+                self._track_usage(counts)
+                if self.update == "ema":
+                    self._ema_update(flat.detach(), indices, counts)
+                if self.dead_code_steps:
+                    self._restart_dead_codes(flat.detach())
         quantized = latents + (quantized - latents).detach()  # straight-through
         return quantized, indices.view(batch, height, width), loss, self._stats(counts, commitment)
 
@@ -138,6 +151,8 @@ class VectorQuantizer(nn.Module):
         # Same sized sample on every rank (equal per-rank batches), gathered: every rank clusters the same data.
         everyone = _all_gather_rows(sample)
         centres = kmeans(everyone, self.num_codes, iterations=10, generator=torch.Generator().manual_seed(0))
+        # Same data and seed on every rank, but CUDA's atomic index_add_ may round differently: rank 0's wins.
+        centres = _broadcast_from_first(centres)
         if self.cosine:
             centres = F.normalize(centres, dim=1)
         self.codebook.data.copy_(centres)

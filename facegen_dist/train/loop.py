@@ -30,7 +30,9 @@ from facegen_dist.data.pipeline import StreamSpec, make_train_loader, read_image
 from facegen_dist.data.shards import read_manifest, split_shards
 from facegen_dist.dist.sync import parameter_checksums
 from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
+from facegen_dist.errors import ConfigError
 from facegen_dist.eval.extractors import build_extractor
+from facegen_dist.eval.metrics import METRICS
 from facegen_dist.log.images import interleave_rows, save_grid
 from facegen_dist.log.logger import NullLogger, RunLogger, truncate_metrics
 from facegen_dist.log.stats import StatsCollector
@@ -133,6 +135,9 @@ class Trainer:
         if not cfg.eval.every_images:
             return None
         metrics = check_metrics(list(cfg.eval.metrics))
+        sample_metrics = [m for m in metrics if METRICS[m].needs == "samples"]
+        if sample_metrics and not self.method.can_sample():
+            raise ConfigError(f"eval.metrics: {', '.join(sample_metrics)} need samples and a '{cfg.model.name}' run draws none; use rfid, psnr, ssim")
         needs = [m for m in metrics if m in FEATURE_METRICS]
         return build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.data_dir).get("name")) if needs else None
 

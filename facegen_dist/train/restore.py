@@ -11,7 +11,7 @@ from safetensors.torch import load_model
 from facegen_dist.config import load_config
 from facegen_dist.errors import FacegenError
 from facegen_dist.methods import Method, build_method
-from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state
+from facegen_dist.train.checkpoint import STATE_FILE, latest_checkpoint, read_trainer_state
 
 
 @dataclass
@@ -25,13 +25,19 @@ class RestoredRun:
     ema: bool
 
 
-def restore_run(run_dir: str | Path, overrides: list[str] | None = None, device: torch.device | str = "cpu", use_ema: bool = True) -> RestoredRun:
-    """The newest checkpoint of `run_dir`, EMA weights where the method keeps them (unless use_ema=False)."""
+def restore_run(run_dir: str | Path, overrides: list[str] | None = None, device: torch.device | str = "cpu", use_ema: bool = True,
+                checkpoint_name: str = "") -> RestoredRun:
+    """The newest checkpoint of `run_dir` (or the one named), EMA weights where the method keeps them (unless use_ema=False)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FacegenError(f"--run {run_dir}: not a run folder (no config.yaml)")
     cfg = load_config([str(run_dir / "config.yaml")], overrides or [])
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint_name:
+        checkpoint = run_dir / "checkpoints" / checkpoint_name
+        if not (checkpoint / STATE_FILE).is_file():
+            raise FacegenError(f"--run {run_dir}: no complete checkpoint named '{checkpoint_name}'")
+    else:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise FacegenError(f"--run {run_dir}: no checkpoint yet")
     method = build_method(cfg.model, cfg.data.resolution)
