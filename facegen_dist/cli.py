@@ -108,13 +108,22 @@ def sample_main(argv: list[str]) -> int:
         return _fail(str(error))
 
 
-COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main}
+def codes_main(argv: list[str]) -> int:
+    try:
+        from facegen_dist.data.codes import codes_main as run_codes
+
+        return run_codes(argv)
+    except FacegenError as error:
+        return _fail(str(error))
+
+
+COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main, "codes": codes_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: facegen {train,data,eval,sample,extractor,latent} ...\n  train  train a model (same as train.py)\n  data   make or verify shards\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors", file=sys.stderr)
+        print("usage: facegen {train,data,codes,eval,sample,extractor,latent} ...\n  train  train a model (same as train.py)\n  data   make or verify shards\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors", file=sys.stderr)
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
     return COMMANDS[argv[0]](argv[1:])
 

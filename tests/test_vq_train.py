@@ -1,5 +1,6 @@
-"""The VQ family end to end with real processes: 2-rank VQ-VAE2 training, then the PixelCNN prior stage
-(train, kill -9 and resume exactly, sample a PNG grid with 1 and 2 processes)."""
+"""The VQ family end to end with real processes: 2-rank VQ-VAE2 training, code extraction with 1 and 2
+processes, then the PixelCNN prior stage on the code shards (train, kill -9 and resume exactly, sample a
+PNG grid with 1 and 2 processes) and on images (codes computed on the fly)."""
 
 import json
 import os
@@ -50,20 +51,67 @@ def test_two_process_vqvae2_codebooks_identical_usage_healthy_loss_falls(vq_root
     assert not (run_dir / "samples" / "samples_final.png").exists()  # a VQ run has no prior to sample from yet
 
 
-def _prior_args(name, vq_root, tiny_shards):
+@pytest.fixture(scope="module")
+def code_shards(vq_root):
+    """`facegen codes` of runs/vq by one process and by two: {1: folder, 2: folder}."""
+    folders = {}
+    for processes in (1, 2):
+        folders[processes] = vq_root / f"codes{processes}"
+        result = run_facegen(vq_root, "codes", "--run", "runs/vq", "--out", str(folders[processes]), "--batch-size", "16", num_processes=processes)
+        _assert_ok(result)
+    return folders
+
+
+def test_code_extraction_is_the_same_for_one_and_two_processes_and_matches_the_encoder(code_shards, vq_root, tiny_shards):
+    import torch
+
+    from facegen_dist.data.codes import decode_npy
+    from facegen_dist.data.pipeline import read_images
+    from facegen_dist.data.shards import iter_shard_samples, read_manifest, split_shards
+    from facegen_dist.train.restore import restore_run
+
+    manifests = {p: read_manifest(folder) for p, folder in code_shards.items()}
+    assert manifests[1]["splits"] == manifests[2]["splits"]  # same shard files, counts and sha256
+    source = read_manifest(tiny_shards)
+    for split in ("train", "val"):
+        assert manifests[1]["splits"][split]["num_samples"] == source["splits"][split]["num_samples"]
+        assert [e["file"] for e in manifests[1]["splits"][split]["shards"]] == [e["file"] for e in source["splits"][split]["shards"]]
+    assert manifests[1]["kind"] == "vq-codes" and manifests[1]["levels"] == {"top": [4, 4], "bottom": [8, 8]}
+    assert manifests[1]["vq_checkpoint"] == "ckpt-000000001280"
+    # The codes are the VQ-VAE2's (EMA) encoding of the images, in shard order.
+    restored = restore_run(vq_root / "runs" / "vq")
+    images = read_images(split_shards(tiny_shards, "val"), 5, 32)[0].float() / 255
+    with torch.no_grad():
+        _, expected, _, _ = restored.modules["vqvae"].encode(images)
+    samples = list(iter_shard_samples(str(code_shards[2] / "val-000000.tar")))[:5]
+    for level in ("top", "bottom"):
+        got = torch.from_numpy(np.stack([decode_npy(s[f"{level}.npy"]) for s in samples])).long()
+        assert torch.equal(got, expected[level])
+
+
+def test_code_shards_train_only_their_own_prior(code_shards, vq_root, tmp_path):
+    base = [*COMMON, f"data.path={code_shards[1]}", "train.total_images=16"]
+    result = run_train(tmp_path, *base, "model.name=vae")
+    assert result.returncode == 2 and "holds VQ codes" in result.stderr and "Traceback" not in result.stderr
+    result = run_train(tmp_path, *base, "model.name=pixelcnn_prior", f"model.vq_run={vq_root / 'runs' / 'vq'}", "model.vq_checkpoint=ckpt-000000000640")
+    assert result.returncode == 2 and "set model.vq_checkpoint=ckpt-000000001280" in result.stderr and "Traceback" not in result.stderr
+
+
+def _prior_args(name, vq_root, data):
     # Every step logged (8 images x 2 ranks) so that per-step losses can be compared exactly.
     return [*COMMON, "model.name=pixelcnn_prior", f"model.vq_run={vq_root / 'runs' / 'vq'}", "model.channels=16", "model.layers=3",
-            "model.kernel_size=3", f"data.path={tiny_shards}", f"run.name={name}", "train.total_images=1920",
+            "model.kernel_size=3", f"data.path={data}", f"run.name={name}", "train.total_images=1920",
             "train.log_every_images=16", "train.ckpt_every_images=320", "train.sample_every_images=100000",
             "optim.lr=2e-3", "optim.warmup_images=160", "optim.schedule=cosine"]
 
 
-def test_prior_trains_resumes_exactly_after_kill9_and_samples(vq_root, tiny_shards, tmp_path):
-    reference = run_train(tmp_path, *_prior_args("reference", vq_root, tiny_shards), num_processes=2)
+def test_prior_on_code_shards_trains_resumes_exactly_after_kill9_and_samples(vq_root, code_shards, tmp_path):
+    codes = code_shards[2]
+    reference = run_train(tmp_path, *_prior_args("reference", vq_root, codes), num_processes=2)
     _assert_ok(reference)
 
     crashed_dir = tmp_path / "runs" / "crashed"
-    launch = start_train(tmp_path, *_prior_args("crashed", vq_root, tiny_shards))
+    launch = start_train(tmp_path, *_prior_args("crashed", vq_root, codes))
     deadline = time.time() + 300
     while not list((crashed_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -71,7 +119,7 @@ def test_prior_trains_resumes_exactly_after_kill9_and_samples(vq_root, tiny_shar
     os.killpg(launch.pid, signal.SIGKILL)
     launch.wait(timeout=60)
     assert not (crashed_dir / "summary.json").exists()
-    resumed = run_train(tmp_path, *_prior_args("crashed", vq_root, tiny_shards), num_processes=2)
+    resumed = run_train(tmp_path, *_prior_args("crashed", vq_root, codes), num_processes=2)
     _assert_ok(resumed)
     assert "resumed from" in resumed.stderr
 

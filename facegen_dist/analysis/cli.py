@@ -21,6 +21,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from facegen_dist import __version__
 from facegen_dist.analysis.latent import StudyOptions, choose_attribute_value, encode_split, read_split_attributes, study_run
 from facegen_dist.data.pipeline import count_split_images, read_images
+from facegen_dist.data.codes import image_dir
 from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import MANIFEST_NAME, read_manifest, split_shards
 from facegen_dist.errors import ConfigError, FacegenError
@@ -51,7 +52,7 @@ def _prepare(accelerator, run_dir: str, args) -> Subject:
     model = restored.method.latent_model(restored.modules)
     if model is None:
         raise FacegenError(f"--run {run_dir}: model '{restored.cfg.model.name}' has no continuous latent, so there is no latent space to study")
-    data_dir = resolve_data_dir(restored.cfg.data, accelerator)
+    data_dir = image_dir(resolve_data_dir(restored.cfg.data, accelerator))
     vocabulary = read_manifest(data_dir).get("attributes", {})
     if args.attr not in vocabulary:
         raise ConfigError(f"--attr {args.attr}: the data of {run_dir} ({data_dir}) has no such attribute; it has {', '.join(sorted(vocabulary)) or 'none'}")

@@ -51,6 +51,8 @@ class StreamSpec:
     hflip: bool = True
     # (name, vocabulary) pairs: when given, batches carry "labels" int64 [B, A] (value index, -1 if absent).
     attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Code shards (data/codes.py): batches carry "codes" {level: int64 [B, h, w]} instead of "image", never flipped.
+    code_levels: tuple[str, ...] = ()
 
 
 def decode_image(payload: bytes, resolution: int) -> np.ndarray:
@@ -113,7 +115,7 @@ def attribute_labels(values: dict, attributes: tuple[tuple[str, tuple[str, ...]]
 
 
 class ShardStream(IterableDataset):
-    """Endless stream of {"image": uint8 [B,3,H,W], "bad_samples": int[, "labels": int64 [B,A]]} batches for one rank."""
+    """Endless stream of {"image": uint8 [B,3,H,W] (or "codes"), "bad_samples": int[, "labels": int64 [B,A]]} batches for one rank."""
 
     def __init__(self, spec: StreamSpec):
         if not spec.shards:
@@ -144,7 +146,10 @@ class ShardStream(IterableDataset):
                 images.append(image)
                 labels.append(label)
                 bad += replaced
-            batch = {"image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), "bad_samples": bad}
+            if spec.code_levels:
+                batch = {"codes": {level: torch.from_numpy(np.stack([item[level] for item in images])) for level in spec.code_levels}, "bad_samples": bad}
+            else:
+                batch = {"image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), "bad_samples": bad}
             if spec.attributes:
                 batch["labels"] = torch.from_numpy(np.stack(labels))
             yield batch
@@ -159,21 +164,28 @@ class ShardStream(IterableDataset):
             loaded.append(samples)
         return loaded
 
-    def _decode(self, sample: dict | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def _decode_item(self, sample: dict) -> np.ndarray | dict[str, np.ndarray] | None:
+        if self.spec.code_levels:
+            from facegen_dist.data.codes import decode_npy
+
+            return {level: decode_npy(sample[f"{level}.npy"]).astype(np.int64) for level in self.spec.code_levels}
+        extension = image_extension(sample)
+        return decode_image(sample[extension], self.spec.resolution) if extension is not None else None
+
+    def _decode(self, sample: dict | None) -> tuple[np.ndarray | dict, np.ndarray | None] | None:
         if sample is None:
             return None
-        extension = image_extension(sample)
-        if extension is None:
-            return None
         try:
-            image = decode_image(sample[extension], self.spec.resolution)
+            image = self._decode_item(sample)
+            if image is None:
+                return None
             labels = attribute_labels(json.loads(sample["json"]) if "json" in sample else {}, self.spec.attributes) if self.spec.attributes else None
         except Exception:  # noqa: BLE001 — PIL raises many types for damaged images, json for damaged labels
             return None
         return image, labels
 
     def _samples(self, schedule: ShardSchedule, slot: int, position: int):
-        """Yields (HWC uint8 image, labels or None, 1 if it stands in for a bad sample else 0), endlessly."""
+        """Yields (HWC uint8 image or codes, labels or None, 1 if it stands in for a bad sample else 0), endlessly."""
         spec = self.spec
         group_index, offset = schedule.locate(position)
         while True:
@@ -194,9 +206,9 @@ class ShardStream(IterableDataset):
                     replaced = 1
                     decoded = next((d for k in range(1, len(nominal)) if (d := at((index + k) % len(nominal))) is not None), None)
                     if decoded is None:
-                        raise DataError(f"no readable image in shards {[spec.shards[s].path for s in schedule.group(group_index)]}")
+                        raise DataError(f"no readable sample in shards {[spec.shards[s].path for s in schedule.group(group_index)]}")
                 image, labels = decoded
-                if spec.hflip and flips[index]:
+                if spec.hflip and flips[index] and not spec.code_levels:  # a flipped code grid is not the flipped image's
                     image = image[:, ::-1]
                 yield image, labels, replaced
             group_index, offset = group_index + 1, 0

@@ -66,8 +66,11 @@ class ShardWriter:
         self._count = 0
 
     def _open_next(self) -> None:
+        self.start(f"{self.prefix}-{len(self.shards):06d}.tar")
+
+    def start(self, name: str) -> None:
+        """Close the current shard and write the next samples to one named `name`."""
         self.close()
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"file": name, "num_samples": 0})
         self._count = 0

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from accelerate import Accelerator, InitProcessGroupKwargs
 
+from facegen_dist.data.codes import image_dir
 from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import read_manifest
 from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
@@ -30,7 +31,7 @@ def eval_main(argv: list[str]) -> int:
         cfg = restored.cfg
         metrics = check_metrics(args.metrics.split(",") if args.metrics else list(cfg.eval.metrics))
         num = args.num or cfg.eval.num_samples
-        data_dir = resolve_data_dir(cfg.data, accelerator)
+        data_dir = image_dir(resolve_data_dir(cfg.data, accelerator))  # a prior trained on code shards: their images
         needs = [m for m in metrics if m in FEATURE_METRICS]
         extractor = build_extractor(cfg.eval, needs, accelerator.device, read_manifest(data_dir).get("name")) if needs else None
         context = {"run": cfg.run.name, "checkpoint": restored.checkpoint.name, "images_seen": restored.images_seen, "ema": restored.ema}

@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from facegen_dist.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -39,7 +41,7 @@ class Method:
         return ()
 
     def loss(self, phase: str, modules: dict[str, nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss of `phase` on a batch of images in [0, 1], and named stats to log."""
+        """Scalar loss of `phase` on a batch of images in [0, 1] (or codes, see check_code_dataset), and named stats to log."""
         raise NotImplementedError
 
     def sampling_protocol(self) -> dict:
@@ -49,6 +51,10 @@ class Method:
     @torch.no_grad()
     def reconstruct(self, modules: dict[str, nn.Module], images: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    def check_code_dataset(self, manifest: dict, path: str) -> None:
+        """Accept a code dataset (data/codes.py) as training data, or raise ConfigError; `loss` then gets {level: codes}."""
+        raise ConfigError(f"data.path: {path} holds VQ codes ({manifest.get('name')}), which train a pixelcnn_prior, not '{self.cfg.name}'")
 
     def can_sample(self) -> bool:
         """Whether `sample` draws images (the base class draws none)."""

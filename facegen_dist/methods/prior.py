@@ -2,9 +2,10 @@
 
 One phase (and optimizer) per code level: for VQ-VAE2 a top prior and a bottom prior
 conditioned on the top codes, trained side by side on the same batches. The VQ model is
-loaded frozen from `model.vq_run` and encodes each batch on the fly: an encoder pass costs a
-fraction of the PixelCNN's, it needs no code shards to be extracted and kept in step with
-the VQ checkpoint, and the data stream's flips augment the code distribution for free.
+loaded frozen from `model.vq_run`. The codes come either from code shards that
+`facegen codes` extracted with that checkpoint (data.path = their folder), or, with an image
+dataset, from the VQ encoder on the fly: an encoder pass costs a fraction of the PixelCNN's,
+and the stream's flips then augment the code distribution.
 Sampling draws top codes, then bottom codes given them, and decodes with the VQ decoder.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +96,22 @@ class PixelCNNPriorMethod(Method):
         self._cached_codes = [(r, c) for r, c in self._cached_codes if r() is not None] + [(weakref.ref(images), indices)]
         return indices
 
+    def check_code_dataset(self, manifest: dict, path: str) -> None:
+        """Codes from `facegen codes` must come from this prior's VQ run and checkpoint, at its grid sizes."""
+        if Path(manifest.get("vq_run", "")).resolve() != Path(self.cfg.vq_run).resolve():
+            raise ConfigError(f"data.path: the codes at {path} come from {manifest.get('vq_run')}, not model.vq_run={self.cfg.vq_run}")
+        if manifest.get("vq_checkpoint") != self.vq_run.checkpoint.name:
+            raise ConfigError(f"data.path: the codes at {path} come from {manifest.get('vq_checkpoint')}, model.vq_run's is "
+                              f"{self.vq_run.checkpoint.name}; set model.vq_checkpoint={manifest.get('vq_checkpoint')}")
+        if {level: tuple(shape) for level, shape in manifest.get("levels", {}).items()} != dict(self.grids):
+            raise ConfigError(f"data.path: the code grids at {path} ({manifest.get('levels')}) are not this VQ model's {dict(self.grids)}")
+
     def _condition(self, level: str, codes: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return codes["top"] if level == "bottom" and "top" in codes else None
 
     def loss(self, phase, modules, images):
         level = phase[len("prior_"):]
-        codes = self.codes(images)
+        codes = images if isinstance(images, dict) else self.codes(images)  # a code dataset's batch, or images
         # Through forward() (not the model's own loss()) so that DDP's gradient hooks run.
         logits = modules[phase](codes[level], self._condition(level, codes))
         loss = F.cross_entropy(logits.float(), codes[level])

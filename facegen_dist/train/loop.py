@@ -25,6 +25,7 @@ from ema_pytorch import EMA
 from omegaconf import OmegaConf
 
 from facegen_dist.config import to_dict, to_yaml
+from facegen_dist.data.codes import image_dir, is_code_dataset
 from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.pipeline import StreamSpec, make_train_loader, read_images
 from facegen_dist.data.shards import read_manifest, split_shards
@@ -97,10 +98,16 @@ class Trainer:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         data_dir = self.data_dir = resolve_data_dir(cfg.data, acc)
         self.train_shards = split_shards(data_dir, "train")
-        self.val_shards = split_shards(data_dir, "val")
+        manifest = read_manifest(data_dir)
+        # A code dataset streams codes; grids and evaluation read the images its codes encode.
+        self.code_levels = tuple(manifest["levels"]) if is_code_dataset(manifest) else ()
+        self.image_dir = image_dir(data_dir)
+        self.val_shards = split_shards(self.image_dir, "val")
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         self.method = build_method(cfg.model, cfg.data.resolution)
+        if self.code_levels:
+            self.method.check_code_dataset(manifest, cfg.data.path)
         modules = self.method.build_modules()
         self.phases = self.method.phases()
         self.ema = {
@@ -139,7 +146,7 @@ class Trainer:
         if sample_metrics and not self.method.can_sample():
             raise ConfigError(f"eval.metrics: {', '.join(sample_metrics)} need samples and a '{cfg.model.name}' run draws none; use rfid, psnr, ssim")
         needs = [m for m in metrics if m in FEATURE_METRICS]
-        return build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.data_dir).get("name")) if needs else None
+        return build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.image_dir).get("name")) if needs else None
 
     def _maybe_resume(self) -> Path | None:
         acc, cfg = self.accelerator, self.cfg
@@ -225,6 +232,13 @@ class Trainer:
             self.stats.add(f"grad_norm/{phase.name}", grad_norm)
         return finite
 
+    def _inputs(self, batch: dict):
+        """What Method.loss gets: images in [0, 1] on the device, or (code datasets) {level: codes}."""
+        device = self.accelerator.device
+        if "codes" in batch:
+            return {level: codes.to(device, non_blocking=True) for level, codes in batch["codes"].items()}
+        return batch["image"].to(device, non_blocking=True).float().div_(255.0)
+
     def _train_step(self, data_iter) -> float:
         """One optimizer step of every phase; returns seconds spent waiting for data."""
         acc, cfg = self.accelerator, self.cfg
@@ -232,7 +246,7 @@ class Trainer:
         batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
         data_wait = time.perf_counter() - wait_start
         self._bad_samples_local += sum(int(b["bad_samples"]) for b in batches)
-        micro_batches = [b["image"].to(acc.device, non_blocking=True).float().div_(255.0) for b in batches]
+        micro_batches = [self._inputs(b) for b in batches]
         self._set_lr()
         ok = all([self._run_phase(phase, micro_batches) for phase in self.phases])
         if ok:
@@ -304,7 +318,7 @@ class Trainer:
         cfg = self.cfg
         context = {"run": cfg.run.name, "checkpoint": "in-training", "images_seen": self.state.images_seen, "ema": bool(self.ema)}
         record = evaluate(
-            self.accelerator, self.method, self.eval_modules(), self.data_dir, cfg.eval, cfg.data.resolution,
+            self.accelerator, self.method, self.eval_modules(), self.image_dir, cfg.eval, cfg.data.resolution,
             self.extractor, list(cfg.eval.metrics), cfg.eval.during_training_num, context, self.run_dir / "eval",
         )
         for module in self.modules.values():
@@ -326,7 +340,7 @@ class Trainer:
         spec = StreamSpec(
             tuple(self.train_shards), cfg.data.resolution, cfg.train.batch_size, seed=cfg.run.seed,
             rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
-            start_batch=state.batches_consumed, shuffle_group=cfg.data.shuffle_group, hflip=cfg.data.hflip,
+            start_batch=state.batches_consumed, shuffle_group=cfg.data.shuffle_group, hflip=cfg.data.hflip, code_levels=self.code_levels,
         )
         data_iter = iter(make_train_loader(spec, pin_memory=acc.device.type == "cuda"))
         for module in self.modules.values():
