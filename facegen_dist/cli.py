@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -72,49 +73,23 @@ def data_main(argv: list[str]) -> int:
     return 0
 
 
-def eval_main(argv: list[str]) -> int:
-    try:
-        from facegen_dist.eval.cli import eval_main as run_eval
+def _delegate(module: str, function: str):
+    """A subcommand living in `module` (imported on use, so `facegen data` does not load torch-fidelity)."""
 
-        return run_eval(argv)
-    except FacegenError as error:
-        return _fail(str(error))
+    def run(argv: list[str]) -> int:
+        try:
+            return getattr(importlib.import_module(module), function)(argv)
+        except FacegenError as error:
+            return _fail(str(error))
 
-
-def extractor_main(argv: list[str]) -> int:
-    try:
-        from facegen_dist.eval.train_extractor import extractor_main as run_extractor
-
-        return run_extractor(argv)
-    except FacegenError as error:
-        return _fail(str(error))
+    return run
 
 
-def latent_main(argv: list[str]) -> int:
-    try:
-        from facegen_dist.analysis.cli import latent_main as run_latent
-
-        return run_latent(argv)
-    except FacegenError as error:
-        return _fail(str(error))
-
-
-def sample_main(argv: list[str]) -> int:
-    try:
-        from facegen_dist.eval.sampling import sample_main as run_sample
-
-        return run_sample(argv)
-    except FacegenError as error:
-        return _fail(str(error))
-
-
-def codes_main(argv: list[str]) -> int:
-    try:
-        from facegen_dist.data.codes import codes_main as run_codes
-
-        return run_codes(argv)
-    except FacegenError as error:
-        return _fail(str(error))
+eval_main = _delegate("facegen_dist.eval.cli", "eval_main")
+extractor_main = _delegate("facegen_dist.eval.train_extractor", "extractor_main")
+latent_main = _delegate("facegen_dist.analysis.cli", "latent_main")
+sample_main = _delegate("facegen_dist.eval.sampling", "sample_main")
+codes_main = _delegate("facegen_dist.data.codes", "codes_main")
 
 
 COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main, "codes": codes_main}
