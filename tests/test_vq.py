@@ -124,7 +124,7 @@ def test_cosine_codes_are_unit_length():
     assert torch.allclose(quantizer.codebook.data.norm(dim=1), torch.ones(16), atol=1e-5)
 
 
-def _quantizer_rank(rank: int, port: int, update: str, queue) -> None:
+def _quantizer_rank(rank: int, port: int, update: str, queue, rank1_done) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)  # same initial codebook
@@ -143,7 +143,11 @@ def _quantizer_rank(rank: int, port: int, update: str, queue) -> None:
         optimizer.zero_grad()
     queue.put((rank, {k: v.numpy().copy() for k, v in quantizer.state_dict().items()}))  # numpy: pickled by value
     dist.barrier()
+    if rank == 0:  # rank 0 hosts the TCP store: leaving first can abort rank 1's teardown
+        rank1_done.wait(timeout=60)
     dist.destroy_process_group()
+    if rank == 1:
+        rank1_done.set()
 
 
 @pytest.mark.parametrize("update", ["ema", "loss"])
@@ -151,7 +155,8 @@ def test_two_ranks_with_different_data_hold_identical_codebooks(update):
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_quantizer_rank, args=(rank, port, update, queue)) for rank in range(2)]
+    rank1_done = context.Event()
+    processes = [context.Process(target=_quantizer_rank, args=(rank, port, update, queue, rank1_done)) for rank in range(2)]
     for process in processes:
         process.start()
     states = dict(queue.get(timeout=120) for _ in processes)
