@@ -25,7 +25,7 @@ def codebook_usage_figure(usage: dict[str, torch.Tensor], path: Path) -> None:
         axis.set_yscale("log")
         axis.set_xlabel("code (sorted by use)")
         axis.set_ylabel("share of picks (EMA)")
-        axis.set_title(f"{level}: {len(ordered)} codes, perplexity {perplexity:.0f}, used {(share > 1e-4).float().mean().item():.0%}")
+        axis.set_title(f"{level}: {len(ordered)} codes, perplexity of EMA usage {perplexity:.0f}, used {(share > 1e-4).float().mean().item():.0%}")
     figure.tight_layout()
     tmp = f"{path}.tmp.png"
     figure.savefig(tmp, dpi=90)
