@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator, InitProcessGroupKwargs, PartialState
 from accelerate.utils import set_seed
 from ema_pytorch import EMA
 from omegaconf import OmegaConf
@@ -30,8 +30,8 @@ from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.pipeline import StreamSpec, make_train_loader, read_images
 from facegen_dist.data.shards import read_manifest, split_shards
 from facegen_dist.dist.sync import parameter_checksums
-from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
 from facegen_dist.errors import ConfigError
+from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
 from facegen_dist.eval.extractors import build_extractor
 from facegen_dist.eval.metrics import METRICS
 from facegen_dist.log.images import interleave_rows, save_grid
@@ -398,7 +398,13 @@ class Trainer:
 
 
 def run(cfg) -> dict:
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:
+        # A start-up error (bad data, config, weights) raised on every rank: leave the process group
+        # cleanly, or each rank aborts at exit and buries the one-line error under gloo's noise.
+        PartialState().destroy_process_group()
+        raise
     try:
         if trainer.state.step >= trainer.total_steps:
             trainer.logger.write(f"facegen: {trainer.run_dir} is already complete ({trainer.state.images_seen} images); nothing to do")
