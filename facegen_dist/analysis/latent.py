@@ -114,8 +114,20 @@ def aggregate_moments(means: torch.Tensor, logvar: torch.Tensor | None) -> tuple
     return x.mean(0), covariance
 
 
+def is_singular(covariance: torch.Tensor) -> bool:
+    """Numerically singular: the smallest eigenvalue is within rounding of zero (numpy's matrix_rank tolerance).
+
+    slogdet alone is not enough: a rank-deficient covariance (fewer images than dimensions) often
+    comes out with tiny positive eigenvalues and a finite, meaningless log-determinant.
+    """
+    eigenvalues = torch.linalg.eigvalsh(covariance.double())
+    return bool(eigenvalues.min() <= eigenvalues.max().abs() * covariance.shape[0] * torch.finfo(torch.float64).eps)
+
+
 def kl_to_standard_normal(mean: torch.Tensor, covariance: torch.Tensor) -> float | None:
     """KL(N(mean, covariance) || N(0, I)); None if the covariance is singular (e.g. fewer images than dimensions)."""
+    if is_singular(covariance):
+        return None
     sign, logdet = torch.linalg.slogdet(covariance)
     if sign <= 0 or not torch.isfinite(logdet):
         return None
@@ -172,7 +184,7 @@ def knn_accuracy(latents: torch.Tensor, labels: torch.Tensor, k: int = 5, test_f
 def mahalanobis(points: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor | None:
     """sqrt((z - mean)^T covariance^-1 (z - mean)) of each row; None if the covariance is singular."""
     factor, info = torch.linalg.cholesky_ex(covariance.double())
-    if info != 0:
+    if info != 0 or is_singular(covariance):
         return None
     whitened = torch.linalg.solve_triangular(factor, (points.double() - mean.double()).T, upper=False)
     return whitened.pow(2).sum(0).sqrt()
