@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,8 @@ def extract_codes(accelerator, restored, out_dir: str | os.PathLike, batch_size:
     from accelerate.utils import gather_object
 
     out_dir = Path(out_dir)
-    if (out_dir / "manifest.json").exists():
-        raise DataError(f"{out_dir}: already holds a dataset (manifest.json); choose another --out or delete it")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DataError(f"{out_dir}: exists and is not an empty folder; choose another --out or delete it")
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,6 +166,8 @@ def codes_main(argv: list[str]) -> int:
         if accelerator.is_main_process:
             splits = ", ".join(f"{name} {info['num_samples']} in {len(info['shards'])} shards" for name, info in manifest["splits"].items())
             print(f"wrote {args.out}: {splits} ({restored.cfg.run.name} @ {restored.checkpoint.name}, grids {manifest['levels']})")
+            if manifest["skipped_unreadable"]:
+                print(f"facegen: warning: {manifest['skipped_unreadable']} unreadable image(s) skipped; `facegen data verify` the image shards", file=sys.stderr)
     finally:
         accelerator.end_training()
     return 0
