@@ -19,6 +19,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from omegaconf import OmegaConf
 
 from facegen_dist.errors import FacegenError
+from facegen_dist.eval.evaluate import chunk_seed
 from facegen_dist.eval.features import distributed_features, to_uint8
 from facegen_dist.log.images import save_grid
 from facegen_dist.train.restore import restore_run
@@ -63,7 +64,7 @@ def sample_main(argv: list[str]) -> int:
         resolution = restored.cfg.data.resolution
 
         def make_chunk(chunk: int, start: int, end: int) -> dict[str, torch.Tensor]:
-            generator = torch.Generator().manual_seed(args.seed * 1000003 + chunk)
+            generator = torch.Generator().manual_seed(chunk_seed(args.seed, chunk))  # as `facegen eval` seeds its chunks
             with accelerator.autocast():
                 images = method.sample(modules, end - start, generator)
             return {"pixels": to_uint8(images)}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from facegen_dist.models.quantizer import perplexity
+
 
 def codebook_usage_figure(usage: dict[str, torch.Tensor], path: Path) -> None:
     """One panel per code level: codes sorted by how often they are picked (log scale), with perplexity."""
@@ -19,13 +21,12 @@ def codebook_usage_figure(usage: dict[str, torch.Tensor], path: Path) -> None:
     for axis, (level, counts) in zip(axes[0], usage.items()):
         counts = counts.float().cpu()
         share = counts / counts.sum().clamp(min=1e-12)
-        perplexity = torch.exp(-(share * torch.log(share.clamp(min=1e-12))).sum()).item()
         ordered = share.sort(descending=True).values.numpy()
         axis.bar(range(len(ordered)), ordered + 1e-7, width=1.0, color="tab:blue")
         axis.set_yscale("log")
         axis.set_xlabel("code (sorted by use)")
         axis.set_ylabel("share of picks (EMA)")
-        axis.set_title(f"{level}: {len(ordered)} codes, perplexity of EMA usage {perplexity:.0f}, used {(share > 1e-4).float().mean().item():.0%}")
+        axis.set_title(f"{level}: {len(ordered)} codes, perplexity of EMA usage {perplexity(counts).item():.0f}, used {(share > 1e-4).float().mean().item():.0%}")
     figure.tight_layout()
     tmp = f"{path}.tmp.png"
     figure.savefig(tmp, dpi=90)

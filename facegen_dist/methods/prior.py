@@ -11,6 +11,7 @@ Sampling draws top codes, then bottom codes given them, and decodes with the VQ 
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ class PixelCNNPriorMethod(Method):
         logits = modules[phase](codes[level], self._condition(level, codes))
         loss = F.cross_entropy(logits.float(), codes[level])
         # nats per code -> bits per code, the figure PixelCNN papers report
-        return loss, {"nll": loss.detach(), "bits_per_code": loss.detach() / 0.6931471805599453}
+        return loss, {"nll": loss.detach(), "bits_per_code": loss.detach() / math.log(2)}
 
     def sampling_protocol(self) -> dict:
         return {"prior": f"gated PixelCNN over {', '.join(self.levels)} codes", "temperature": self.cfg.temperature,

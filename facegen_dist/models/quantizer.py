@@ -19,8 +19,6 @@ rank never waits on the others.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -69,6 +67,12 @@ def kmeans(vectors: torch.Tensor, num_clusters: int, iterations: int, generator:
         counts = torch.bincount(assignment, minlength=num_clusters).unsqueeze(1).to(vectors.dtype)
         centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
     return centres
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code distribution given by `counts` (or shares): the effective number of codes used."""
+    probabilities = counts.float() / counts.float().sum().clamp(min=1e-12)
+    return torch.exp(-(probabilities * torch.log(probabilities.clamp(min=1e-12))).sum())
 
 
 class VectorQuantizer(nn.Module):
@@ -191,11 +195,9 @@ class VectorQuantizer(nn.Module):
         self.restarts.add_(num_dead)
 
     def _stats(self, counts: torch.Tensor, commitment: torch.Tensor) -> dict[str, torch.Tensor]:
-        probabilities = counts / counts.sum().clamp(min=1)
-        entropy = -(probabilities * torch.log(probabilities.clamp(min=1e-10))).sum()
         window = self.dead_code_steps or 100
         return {
-            "perplexity": entropy.exp().detach(),  # effective number of codes used in this batch
+            "perplexity": perplexity(counts).detach(),  # effective number of codes used in this batch
             "used_frac": (self.steps_unused < window).float().mean().detach(),  # codes used within the window
             "dead_codes": (self.steps_unused >= window).float().sum().detach(),
             "restarts": self.restarts.float().detach(),
@@ -208,9 +210,3 @@ class VectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, update={self.update}, cosine={self.cosine}"
-
-
-def perplexity_of(indices: torch.Tensor, num_codes: int) -> float:
-    counts = torch.bincount(indices.flatten(), minlength=num_codes).float()
-    probabilities = counts / counts.sum()
-    return math.exp(-(probabilities * torch.log(probabilities.clamp(min=1e-10))).sum().item())
