@@ -36,7 +36,7 @@ class ShardInfo:
     num_samples: int
 
 
-def _tar_member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+def tar_member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mtime = 0
@@ -79,7 +79,7 @@ class ShardWriter:
         if self._tar is None or self._count >= self.samples_per_shard:
             self._open_next()
         for extension, payload in sorted(files.items()):
-            self._tar.addfile(*_tar_member(f"{key}.{extension}", payload))
+            self._tar.addfile(*tar_member(f"{key}.{extension}", payload))
         self._count += 1
         self.shards[-1]["num_samples"] = self._count
 
