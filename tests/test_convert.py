@@ -155,6 +155,8 @@ def test_kill9_then_rerun_resumes_without_duplicates(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert len(done) >= 3 and not (out / "manifest.json").exists(), "the conversion must be killed part-way"
+    unfinished = facegen("data", "verify", str(out))
+    assert unfinished.returncode == 2 and "unfinished conversion" in unfinished.stderr
     finished = sorted(name for name, entry in done.items() if entry["num_samples"])
     damaged = out / finished[0]  # a finished shard damaged since: the rerun must notice and redo it
     damaged.write_bytes(damaged.read_bytes()[:1000])

@@ -1,7 +1,7 @@
 """Convert a `Source` (FFHQ, Cartoon Set, a folder) into train/val WebDataset shards: parallel, resumable, verifiable.
 
 The plan is fixed before any image is read: the split (seeded, or the dataset's own) and
-which items each shard holds come from the sorted item list alone. Shards are written in
+which items each shard holds come from the item list alone. Shards are written in
 the archive's read order, each to `NAME.tar.partial` and renamed when complete; a journal
 (`.facegen-convert.json`) records every finished shard with its sha256. A rerun of the same
 command after a crash or Ctrl-C checks the journalled shards, skips those whose sha256
@@ -34,11 +34,10 @@ from tqdm import tqdm
 
 from facegen_dist import __version__
 from facegen_dist.data.make_avatars import split_counts
-from facegen_dist.data.shards import MANIFEST_NAME, file_sha256, read_manifest, tar_member, verify_shards, write_manifest
+from facegen_dist.data.shards import JOURNAL_NAME, MANIFEST_NAME, file_sha256, read_manifest, tar_member, verify_shards, write_manifest
 from facegen_dist.data.sources import Source, SourceItem
 from facegen_dist.errors import DataError
 
-JOURNAL_NAME = ".facegen-convert.json"
 JOURNAL_FORMAT = "facegen-convert/1"
 SPLITS = ("train", "val")
 DEFAULT_QUALITY = {"jpg": 95, "webp": 90, "png": None}
@@ -163,7 +162,8 @@ class Plan:
     @staticmethod
     def make(items: list[SourceItem], splits: dict[str, str], shard_size: int) -> "Plan":
         shard_of, shard_items = {}, {}
-        by_split = {split: sorted(item.key for item in items if splits[item.key] == split) for split in SPLITS}
+        # Shards follow the read order (sorted for folders and zips, the archive's for tars), so at most one shard per split is open at a time.
+        by_split = {split: [item.key for item in items if splits[item.key] == split] for split in SPLITS}
         for split, keys in by_split.items():
             for position, key in enumerate(keys):
                 name = f"{split}-{position // shard_size:06d}.tar"

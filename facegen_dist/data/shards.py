@@ -28,6 +28,7 @@ from facegen_dist.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "facegen-shards/1"
+JOURNAL_NAME = ".facegen-convert.json"  # an unfinished `facegen data ffhq|cartoonset|folder` (convert.py)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
 def read_manifest(shard_dir: str | os.PathLike) -> dict:
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
+        if (Path(shard_dir) / JOURNAL_NAME).is_file():
+            raise DataError(f"{shard_dir}: an unfinished conversion (no {MANIFEST_NAME} yet); run the same `facegen data` command again to finish it")
         raise DataError(f"{shard_dir}: no {MANIFEST_NAME}; make shards with `facegen data avatars --out DIR`")
     try:
         manifest = json.loads(path.read_text())
