@@ -12,7 +12,8 @@ def _add_conversion_arguments(parser: argparse.ArgumentParser, src_help: str, si
     parser.add_argument("--src", required=True, help=src_help)
     parser.add_argument("--out", required=True, help="output folder (new, or an interrupted conversion of the same command to resume)")
     parser.add_argument("--size", type=int, required=True, help=size_help)
-    parser.add_argument("--format", default="png", choices=["png", "jpg", "webp"], help="image format in the shards (default png: lossless)")
+    parser.add_argument("--format", default="png", choices=["png", "jpg", "webp", "webp-lossless"],
+                        help="image format in the shards (default png; see benchmarks/RESULTS.md for size and decode speed of each)")
     parser.add_argument("--quality", type=int, default=None, help="jpg/webp quality (default: jpg 95 with 4:4:4 chroma, webp 90)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="val share of the seeded split (default 0.2: the dissertation's 80/20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")

@@ -40,14 +40,14 @@ from facegen_dist.errors import DataError
 
 JOURNAL_FORMAT = "facegen-convert/1"
 SPLITS = ("train", "val")
-DEFAULT_QUALITY = {"jpg": 95, "webp": 90, "png": None}
+DEFAULT_QUALITY = {"jpg": 95, "webp": 90, "png": None, "webp-lossless": None}
 SAMPLED_HASHES = 64  # source files whose sha256 the manifest lists by name (all are in the samples' JSON)
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     size: int
-    image_format: str = "png"  # png | jpg | webp
+    image_format: str = "png"  # png | jpg | webp | webp-lossless
     quality: int | None = None  # jpg/webp; None: DEFAULT_QUALITY
     split: str = "seeded"  # seeded | official (the dataset's own split)
     val_fraction: float = 0.2  # the dissertation's 80/20
@@ -76,6 +76,11 @@ class ConvertOptions:
             raise DataError(f"--background {self.background}: not a colour PIL knows") from None
 
     @property
+    def extension(self) -> str:
+        """The file extension in the shards (what the loader looks for)."""
+        return "webp" if self.image_format.startswith("webp") else self.image_format
+
+    @property
     def resolved_quality(self) -> int | None:
         return self.quality if self.quality is not None else DEFAULT_QUALITY[self.image_format]
 
@@ -96,6 +101,8 @@ def encode_image(image: Image.Image, image_format: str, quality: int | None) -> 
         image.save(buffer, "JPEG", quality=quality, subsampling=0)  # 4:4:4: no chroma blur on faces and lines
     elif image_format == "webp":
         image.save(buffer, "WEBP", quality=quality, method=4)
+    elif image_format == "webp-lossless":
+        image.save(buffer, "WEBP", lossless=True)
     else:
         image.save(buffer, "PNG")
     return buffer.getvalue()
@@ -234,7 +241,7 @@ class _ShardBeingWritten:
         self.source_digest = hashlib.sha256()
         self.seen = 0
 
-    def add(self, item: SourceItem, image: bytes | None, reason: str | None, sha: str | None, image_format: str, sample_source: bool) -> None:
+    def add(self, item: SourceItem, image: bytes | None, reason: str | None, sha: str | None, extension: str, sample_source: bool) -> None:
         self.seen += 1
         if sha:
             self.source_digest.update(f"{item.key} {sha}\n".encode())
@@ -244,7 +251,7 @@ class _ShardBeingWritten:
             self.entry["skipped"].append({"file": item.member, "reason": reason})
             return
         record = {**item.info, "source": item.member, "source_sha256": sha}
-        for extension, payload in ((image_format, image), ("json", json.dumps(record, sort_keys=True).encode())):
+        for extension, payload in ((extension, image), ("json", json.dumps(record, sort_keys=True).encode())):
             self.tar.addfile(*tar_member(f"{item.key}.{extension}", payload))
         self.entry["num_samples"] += 1
 
@@ -322,7 +329,7 @@ def _convert_items(source, todo, plan, journal, out_dir, options, sampled, worke
             window.release()
             name = plan.shard_of[item.key]
             shard = open_shards.get(name) or open_shards.setdefault(name, _ShardBeingWritten(out_dir, name))
-            shard.add(item, image, reason, sha, options.image_format, item.key in sampled)
+            shard.add(item, image, reason, sha, options.extension, item.key in sampled)
             if shard.seen == plan.shard_items[name]:
                 journal["done"][name] = open_shards.pop(name).finish()
                 _write_json(out_dir / JOURNAL_NAME, journal)
