@@ -55,11 +55,30 @@ def gate(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
-def draw_codes(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: scores [num, K] with -inf outside the smallest set of largest scores whose softmax mass is >= top_p.
+
+    The softmax is taken in fp32 (or wider); top_p >= 1 keeps everything.
+    """
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = scores.sort(dim=1, descending=True)
+    mass = sorted_scores.softmax(dim=1).cumsum(dim=1)
+    # Keep a code while the codes ranked above it hold < top_p mass: the first code is always kept.
+    drop_sorted = torch.cat([torch.zeros_like(mass[:, :1], dtype=torch.bool), mass[:, :-1] >= top_p], dim=1)
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def draw_codes(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0) -> torch.Tensor:
     """One categorical draw per row of logits [num, K] by the Gumbel-max trick.
 
     The uniforms are drawn on the CPU (generator must be a CPU generator) whatever the device of
     the logits, so a seed gives the same codes on every device and in both samplers.
+    top_k (0: off) keeps the k largest logits; top_p (1: off) then keeps the nucleus of
+    softmax(logits / temperature), see `top_p_filter`. Scores are fp32 (or wider) throughout.
     """
     u = torch.rand(logits.shape, generator=generator).to(logits.device)
     scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -67,7 +86,7 @@ def draw_codes(logits: torch.Tensor, generator: torch.Generator | None, temperat
         kth = scores.topk(top_k, dim=1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-10)))
-    return (scores / temperature + gumbel).argmax(dim=1)
+    return (top_p_filter(scores / temperature, top_p) + gumbel).argmax(dim=1)
 
 
 def _masked_weight(conv: nn.Conv2d, mask: torch.Tensor | None) -> torch.Tensor:
