@@ -24,6 +24,7 @@ from tqdm import tqdm
 from facegen_dist.data.pipeline import decode_image
 from facegen_dist.data.shards import ShardWriter, file_sha256, iter_shard_samples, image_extension, read_manifest, write_manifest
 from facegen_dist.errors import DataError
+from facegen_dist.methods.base import VQ_METHODS
 
 CODES_KIND = "vq-codes"
 
@@ -159,8 +160,8 @@ def codes_main(argv: list[str]) -> int:
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))])
     try:
         restored = restore_run(args.run, device=accelerator.device, use_ema=not args.no_ema, checkpoint_name=args.checkpoint)
-        if restored.cfg.model.name not in ("vqvae", "vqvae2"):
-            raise DataError(f"--run {args.run}: a '{restored.cfg.model.name}' run has no codes (vqvae/vqvae2 runs do)")
+        if restored.cfg.model.name not in VQ_METHODS:
+            raise DataError(f"--run {args.run}: a '{restored.cfg.model.name}' run has no codes ({'/'.join(VQ_METHODS)} runs do)")
         images = image_dir(resolve_data_dir(restored.cfg.data, accelerator))
         manifest = extract_codes(accelerator, restored, args.out, args.batch_size, images)
         if accelerator.is_main_process:

@@ -27,15 +27,19 @@ from facegen_dist.train.restore import restore_run
 
 def _overrides(args) -> list[str]:
     extra = list(args.overrides)
-    if args.temperature is not None or args.top_k is not None:
+    if args.temperature is not None or args.top_k is not None or args.top_p is not None:
         config = Path(args.run) / "config.yaml"
         name = OmegaConf.load(config).model.name if config.is_file() else None
-        if name is not None and name != "pixelcnn_prior":
-            raise FacegenError(f"--temperature/--top-k: only pixelcnn_prior runs sample with them; {args.run} is a '{name}' run")
+        if name is not None and name not in ("pixelcnn_prior", "gpt_prior"):
+            raise FacegenError(f"--temperature/--top-k/--top-p: only prior runs (pixelcnn_prior, gpt_prior) sample with them; {args.run} is a '{name}' run")
     if args.temperature is not None:
         extra.append(f"model.temperature={args.temperature}")
     if args.top_k is not None:
         extra.append(f"model.top_k={args.top_k}")
+    if args.top_p is not None:
+        if name == "pixelcnn_prior":
+            raise FacegenError(f"--top-p: gpt_prior runs sample with it; {args.run} is a pixelcnn_prior run")
+        extra.append(f"model.top_p={args.top_p}")
     return extra
 
 
@@ -48,6 +52,7 @@ def sample_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=None, help="prior runs: sampling temperature (default: the run's)")
     parser.add_argument("--top-k", type=int, default=None, help="prior runs: keep the k most likely codes (0 = all)")
+    parser.add_argument("--top-p", type=float, default=None, help="gpt_prior runs: keep the smallest set of codes holding this probability")
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     parser.add_argument("overrides", nargs="*", help="config overrides of the run")
     args = parser.parse_args(argv)
@@ -60,7 +65,7 @@ def sample_main(argv: list[str]) -> int:
         restored = restore_run(args.run, _overrides(args), device=accelerator.device, use_ema=not args.no_ema)
         method, modules = restored.method, restored.modules
         if not method.can_sample():
-            raise FacegenError(f"--run {args.run}: a '{restored.cfg.model.name}' run cannot sample (a VQ run needs a pixelcnn_prior run trained on it: model.name=pixelcnn_prior model.vq_run={args.run})")
+            raise FacegenError(f"--run {args.run}: a '{restored.cfg.model.name}' run cannot sample (a VQ run needs a prior run trained on it: model.name=pixelcnn_prior or gpt_prior, model.vq_run={args.run})")
         resolution = restored.cfg.data.resolution
 
         def make_chunk(chunk: int, start: int, end: int) -> dict[str, torch.Tensor]:

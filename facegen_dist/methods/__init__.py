@@ -2,7 +2,8 @@
 
 from facegen_dist.methods.autoencoder import AutoencoderMethod
 from facegen_dist.methods.base import Method, Phase
-from facegen_dist.methods.prior import PixelCNNPriorMethod
+from facegen_dist.methods.prior import GPTPriorMethod, PixelCNNPriorMethod
+from facegen_dist.methods.vqgan import VQGANMethod
 from facegen_dist.methods.vqvae import VQVAEMethod
 
 METHODS: dict[str, type[Method]] = {
@@ -10,7 +11,9 @@ METHODS: dict[str, type[Method]] = {
     "vae": AutoencoderMethod,
     "vqvae": VQVAEMethod,
     "vqvae2": VQVAEMethod,
+    "vqgan": VQGANMethod,
     "pixelcnn_prior": PixelCNNPriorMethod,
+    "gpt_prior": GPTPriorMethod,
 }
 
 

@@ -17,10 +17,22 @@ from torch import nn
 from facegen_dist.errors import ConfigError
 
 
+# Methods whose runs hold a VQ model as the module "vqvae": codes, priors and sampling read them alike.
+VQ_METHODS = ("vqvae", "vqvae2", "vqgan")
+
+
+def plain_module(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the module itself otherwise)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
     modules: tuple[str, ...]  # whose parameters this phase's optimizer updates
+    lr: float | None = None  # None: optim.lr (the schedule scales every phase's lr alike)
+    betas: tuple[float, float] | None = None  # None: optim.betas
+    grad_clip: float | None = None  # None: train.grad_clip
 
 
 class Method:
@@ -35,6 +47,17 @@ class Method:
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError
+
+    def prepare_training(self) -> None:
+        """Called once by the training loop before the first step, not when a run is restored for sampling
+        or code extraction: load what only training needs (a perceptual network), failing early."""
+
+    def begin_step(self, images_seen: int) -> None:
+        """Called on every rank before a step's phases, with the images seen before it."""
+
+    def phase_active(self, phase: str, images_seen: int) -> bool:
+        """Whether `phase` runs this step (a discriminator waits for its start); the same answer on every rank."""
+        return True
 
     def ema_modules(self) -> tuple[str, ...]:
         """Modules that get an exponential moving average (used for grids and evaluation)."""
@@ -54,7 +77,7 @@ class Method:
 
     def check_code_dataset(self, manifest: dict, path: str) -> None:
         """Accept a code dataset (data/codes.py) as training data, or raise ConfigError; `loss` then gets {level: codes}."""
-        raise ConfigError(f"data.path: {path} holds VQ codes ({manifest.get('name')}), which train a pixelcnn_prior, not '{self.cfg.name}'")
+        raise ConfigError(f"data.path: {path} holds VQ codes ({manifest.get('name')}), which train a pixelcnn_prior or gpt_prior, not '{self.cfg.name}'")
 
     def can_sample(self) -> bool:
         """Whether `sample` draws images (the base class draws none)."""

@@ -1,6 +1,11 @@
-"""The prior stage: gated PixelCNNs over the codes of a finished VQ-VAE / VQ-VAE2 run.
+"""The prior stage: an autoregressive model over the codes of a finished VQ run (VQ-VAE, VQ-VAE2, VQ-GAN).
 
-One phase (and optimizer) per code level: for VQ-VAE2 a top prior and a bottom prior
+`CodePriorMethod` holds what every prior shares: the frozen VQ model, the codes (from code
+shards or encoded on the fly), the checks, and decoding samples. Two priors plug in:
+`pixelcnn_prior` (gated PixelCNNs, VQ-VAE-2's) and `gpt_prior` (a transformer over the
+raster-ordered codes, VQ-GAN's).
+
+PixelCNN: one phase (and optimizer) per code level: for VQ-VAE2 a top prior and a bottom prior
 conditioned on the top codes, trained side by side on the same batches. The VQ model is
 loaded frozen from `model.vq_run`. The codes come either from code shards that
 `facegen codes` extracted with that checkpoint (data.path = their folder), or, with an image
@@ -21,14 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from facegen_dist.errors import ConfigError, FacegenError
-from facegen_dist.methods.base import Method, Phase
+from facegen_dist.methods.base import VQ_METHODS, Method, Phase
+from facegen_dist.models.gpt import CodeGPT, flatten_codes
 from facegen_dist.models.pixelcnn import GatedPixelCNN
 
 
 @dataclass
 class PixelCNNPriorConfig:
     name: str = "pixelcnn_prior"
-    vq_run: str = ""  # folder of the trained vqvae / vqvae2 run whose codes are modelled (EMA weights)
+    vq_run: str = ""  # folder of the trained VQ run whose codes are modelled (EMA weights)
     # A checkpoint folder name of vq_run, e.g. ckpt-000000064000; empty = its newest. Name one when the VQ
     # run may still train: a resumed prior (and `facegen sample`) must see the same codes.
     vq_checkpoint: str = ""
@@ -39,23 +45,37 @@ class PixelCNNPriorConfig:
     top_k: int = 0  # sampling: keep the k most likely codes (0 = all)
 
 
-class PixelCNNPriorMethod(Method):
-    config_class = PixelCNNPriorConfig
+@dataclass
+class GPTPriorConfig:
+    name: str = "gpt_prior"
+    vq_run: str = ""  # as pixelcnn_prior's: a VQ run with one code grid (vqvae, vqgan)
+    vq_checkpoint: str = ""
+    layers: int = 8
+    heads: int = 8
+    width: int = 256  # n_embd
+    dropout: float = 0.0
+    temperature: float = 1.0  # sampling
+    top_k: int = 0  # keep the k most likely codes (0 = all)
+    top_p: float = 1.0  # then keep the smallest set of codes holding this probability (1 = all)
+
+
+class CodePriorMethod(Method):
+    """A prior over a frozen VQ run's codes; subclasses build the model, its loss on one level and sampling."""
 
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)
         from facegen_dist.train.restore import restore_run  # late: restore builds methods
 
         if not model_cfg.vq_run:
-            raise ConfigError("model.vq_run: required: the folder of a trained vqvae/vqvae2 run, e.g. runs/vqvae2_avatars64")
-        if model_cfg.temperature <= 0 or model_cfg.top_k < 0:
-            raise ConfigError("model.temperature must be > 0 and model.top_k >= 0")
+            raise ConfigError(f"model.vq_run: required: the folder of a trained {'/'.join(VQ_METHODS)} run, e.g. runs/vqvae2_avatars64")
+        if model_cfg.temperature <= 0 or model_cfg.top_k < 0 or not 0 < getattr(model_cfg, "top_p", 1.0) <= 1:
+            raise ConfigError("model.temperature must be > 0, model.top_k >= 0 and model.top_p in (0, 1]")
         try:
             vq_run = restore_run(model_cfg.vq_run, checkpoint_name=model_cfg.vq_checkpoint)
         except FacegenError as error:
             raise ConfigError(f"model.vq_run: {error}") from None
-        if vq_run.cfg.model.name not in ("vqvae", "vqvae2"):
-            raise ConfigError(f"model.vq_run: {model_cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not vqvae/vqvae2")
+        if vq_run.cfg.model.name not in VQ_METHODS:
+            raise ConfigError(f"model.vq_run: {model_cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not {'/'.join(VQ_METHODS)}")
         if vq_run.cfg.data.resolution != resolution:
             raise ConfigError(f"data.resolution: {resolution} differs from the VQ run's {vq_run.cfg.data.resolution}")
         self.vq_run = vq_run
@@ -68,16 +88,6 @@ class PixelCNNPriorMethod(Method):
     @property
     def levels(self) -> tuple[str, ...]:
         return tuple(self.grids)  # ("top", "bottom") or ("bottom",): sampling order
-
-    def build_modules(self) -> dict[str, nn.Module]:
-        cfg, modules = self.cfg, {}
-        for level in self.levels:
-            conditioned = level == "bottom" and "top" in self.grids
-            modules[f"prior_{level}"] = GatedPixelCNN(
-                self.num_codes, cfg.channels, cfg.layers, cfg.kernel_size,
-                cond_codes=self.num_codes if conditioned else 0, cond_scale=2,
-            )
-        return modules
 
     def phases(self) -> list[Phase]:
         return [Phase(f"prior_{level}", (f"prior_{level}",)) for level in self.levels]
@@ -107,32 +117,23 @@ class PixelCNNPriorMethod(Method):
         if {level: tuple(shape) for level, shape in manifest.get("levels", {}).items()} != dict(self.grids):
             raise ConfigError(f"data.path: the code grids at {path} ({manifest.get('levels')}) are not this VQ model's {dict(self.grids)}")
 
-    def _condition(self, level: str, codes: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        return codes["top"] if level == "bottom" and "top" in codes else None
+    def level_loss(self, module: nn.Module, level: str, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy (nats per code) of `level`'s codes; through the module's forward, so DDP's hooks run."""
+        raise NotImplementedError
 
     def loss(self, phase, modules, images):
         level = phase[len("prior_"):]
         codes = images if isinstance(images, dict) else self.codes(images)  # a code dataset's batch, or images
-        # Through forward() (not the model's own loss()) so that DDP's gradient hooks run.
-        logits = modules[phase](codes[level], self._condition(level, codes))
-        loss = F.cross_entropy(logits.float(), codes[level])
+        loss = self.level_loss(modules[phase], level, codes)
         # nats per code -> bits per code, the figure PixelCNN papers report
         return loss, {"nll": loss.detach(), "bits_per_code": loss.detach() / math.log(2)}
 
-    def sampling_protocol(self) -> dict:
-        return {"prior": f"gated PixelCNN over {', '.join(self.levels)} codes", "temperature": self.cfg.temperature,
-                "top_k": self.cfg.top_k, "vq_run": str(self.cfg.vq_run), "vq_checkpoint": self.vq_run.checkpoint.name, "vq_ema": self.vq_run.ema}
-
-    @torch.no_grad()
     def sample_codes(self, modules, num: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        codes: dict[str, torch.Tensor] = {}
-        for level in self.levels:
-            height, width = self.grids[level]
-            codes[level] = modules[f"prior_{level}"].sample(
-                num, height, width, cond=self._condition(level, codes), generator=generator,
-                temperature=self.cfg.temperature, top_k=self.cfg.top_k,
-            )
-        return codes
+        raise NotImplementedError
+
+    def _protocol(self, prior: str) -> dict:
+        return {"prior": prior, "temperature": self.cfg.temperature, "top_k": self.cfg.top_k,
+                "vq_run": str(self.cfg.vq_run), "vq_checkpoint": self.vq_run.checkpoint.name, "vq_ema": self.vq_run.ema}
 
     @torch.no_grad()
     def sample(self, modules, num, generator):
@@ -149,3 +150,70 @@ class PixelCNNPriorMethod(Method):
         with torch.autocast(images.device.type, enabled=False):
             reconstruction, _, _, _ = self.vq(images.float())
         return reconstruction
+
+
+class PixelCNNPriorMethod(CodePriorMethod):
+    config_class = PixelCNNPriorConfig
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        cfg, modules = self.cfg, {}
+        for level in self.levels:
+            conditioned = level == "bottom" and "top" in self.grids
+            modules[f"prior_{level}"] = GatedPixelCNN(
+                self.num_codes, cfg.channels, cfg.layers, cfg.kernel_size,
+                cond_codes=self.num_codes if conditioned else 0, cond_scale=2,
+            )
+        return modules
+
+    def _condition(self, level: str, codes: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return codes["top"] if level == "bottom" and "top" in codes else None
+
+    def level_loss(self, module, level, codes):
+        logits = module(codes[level], self._condition(level, codes))
+        return F.cross_entropy(logits.float(), codes[level])
+
+    def sampling_protocol(self) -> dict:
+        return self._protocol(f"gated PixelCNN over {', '.join(self.levels)} codes")
+
+    @torch.no_grad()
+    def sample_codes(self, modules, num: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        codes: dict[str, torch.Tensor] = {}
+        for level in self.levels:
+            height, width = self.grids[level]
+            codes[level] = modules[f"prior_{level}"].sample(
+                num, height, width, cond=self._condition(level, codes), generator=generator,
+                temperature=self.cfg.temperature, top_k=self.cfg.top_k,
+            )
+        return codes
+
+
+class GPTPriorMethod(CodePriorMethod):
+    """VQ-GAN's second stage: a decoder-only transformer over the raster-ordered codes of one grid."""
+
+    config_class = GPTPriorConfig
+
+    def __init__(self, model_cfg, resolution: int):
+        super().__init__(model_cfg, resolution)
+        if self.levels != ("bottom",):
+            raise ConfigError(f"model.vq_run: {model_cfg.vq_run} has {len(self.levels)} code grids; gpt_prior models one "
+                              "(a vqvae or vqgan run); for vqvae2 use pixelcnn_prior")
+        height, width = self.grids["bottom"]
+        self.seq_len = height * width
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        cfg = self.cfg
+        return {"prior_bottom": CodeGPT(self.num_codes, self.seq_len, cfg.layers, cfg.heads, cfg.width, cfg.dropout)}
+
+    def level_loss(self, module, level, codes):
+        flat = flatten_codes(codes[level])
+        logits = module(flat)
+        return F.cross_entropy(logits.float().flatten(0, 1), flat.flatten())
+
+    def sampling_protocol(self) -> dict:
+        return {**self._protocol(f"GPT over {self.seq_len} raster-ordered codes"), "top_p": self.cfg.top_p}
+
+    @torch.no_grad()
+    def sample_codes(self, modules, num, generator):
+        cfg = self.cfg
+        flat = modules["prior_bottom"].sample(num, generator=generator, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        return {"bottom": flat.view(num, *self.grids["bottom"])}

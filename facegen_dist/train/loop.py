@@ -109,15 +109,18 @@ class Trainer:
         if self.code_levels:
             self.method.check_code_dataset(manifest, cfg.data.path)
         modules = self.method.build_modules()
+        self.method.prepare_training()
         self.phases = self.method.phases()
         self.ema = {
             name: EMA(modules[name], beta=cfg.train.ema_beta, update_after_step=0, update_every=1, include_online_model=False)
             for name in self.method.ema_modules()
         }
         optimizers = {}
+        self.base_lr = {phase.name: phase.lr if phase.lr is not None else cfg.optim.lr for phase in self.phases}
         for phase in self.phases:
             params = [p for name in phase.modules for p in modules[name].parameters()]
-            optimizers[phase.name] = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+            betas = tuple(phase.betas) if phase.betas is not None else tuple(cfg.optim.betas)
+            optimizers[phase.name] = torch.optim.AdamW(params, lr=self.base_lr[phase.name], betas=betas, weight_decay=cfg.optim.weight_decay)
         names, phase_names = list(modules), list(optimizers)
         prepared = acc.prepare(*[modules[n] for n in names], *[optimizers[n] for n in phase_names])
         self.modules = dict(zip(names, prepared[: len(names)]))
@@ -192,9 +195,9 @@ class Trainer:
     def _set_lr(self) -> float:
         cfg = self.cfg
         factor = lr_factor(self.state.images_seen, cfg.train.total_images, cfg.optim.warmup_images, cfg.optim.schedule, cfg.optim.min_lr_ratio)
-        for optimizer in self.optimizers.values():
+        for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
-                group["lr"] = cfg.optim.lr * factor
+                group["lr"] = self.base_lr[name] * factor
         return cfg.optim.lr * factor
 
     def _run_phase(self, phase, micro_batches: list[torch.Tensor]) -> bool:
@@ -202,6 +205,10 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         phase_modules = [self.modules[name] for name in phase.modules]
         optimizer = self.optimizers[phase.name]
+        # A generator's loss back-propagates into the discriminator too: clear every module's
+        # gradients, so no phase ever steps on gradients another phase left behind.
+        for module in self.modules.values():
+            module.zero_grad(set_to_none=True)
         step_stats = []
         for index, images in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
@@ -218,7 +225,8 @@ class Trainer:
         params = [p for module in phase_modules for p in module.parameters()]
         # The norm of the all-reduced gradients is the same on every rank, so every rank takes
         # the same decision: a NaN/inf anywhere skips the step everywhere (no extra sync).
-        grad_norm = acc.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        clip = phase.grad_clip if phase.grad_clip is not None else cfg.train.grad_clip
+        grad_norm = acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         finite = bool(torch.isfinite(grad_norm))
         if acc.scaler is not None:
             optimizer.step()  # the fp16 scaler skips non-finite steps itself and lowers its scale
@@ -248,7 +256,9 @@ class Trainer:
         self._bad_samples_local += sum(int(b["bad_samples"]) for b in batches)
         micro_batches = [self._inputs(b) for b in batches]
         self._set_lr()
-        ok = all([self._run_phase(phase, micro_batches) for phase in self.phases])
+        self.method.begin_step(self.state.images_seen)
+        active = [phase for phase in self.phases if self.method.phase_active(phase.name, self.state.images_seen)]
+        ok = all([self._run_phase(phase, micro_batches) for phase in active])
         if ok:
             for ema in self.ema.values():
                 ema.update()
