@@ -27,6 +27,12 @@ TINY = [
 ]
 
 
+# The tiny VQ family: settings shared by the VQ training, latent and prior tests.
+COMMON = ["data.resolution=32", "train.batch_size=8", "log.wandb=off", "log.progress=false", "log.num_grid_images=16", "data.num_workers=1"]
+TINY_VQVAE2 = [*COMMON, "model.name=vqvae2", "model.channels=16", "model.res_blocks=1", "model.res_channels=8", "model.embed_dim=8",
+               "model.num_codes=32", "model.downsample=4", "model.dead_code_steps=10", "optim.lr=2e-3", "optim.warmup_images=0"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

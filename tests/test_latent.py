@@ -1,4 +1,4 @@
-"""Latent-space study: its numbers by hand on toy latents, and `facegen latent` on a tiny trained AE and VAE (1 and 2 processes)."""
+"""Latent-space study: its numbers by hand on toy latents, and `facegen latent` on a tiny trained AE, VAE and VQ-VAE2 (1 and 2 processes)."""
 
 import json
 import math
@@ -9,20 +9,25 @@ import pytest
 import torch
 from PIL import Image
 
+from facegen_dist.analysis import latent
 from facegen_dist.analysis.latent import (
     StudyOptions, aggregate_moments, attribute_vector, choose_attribute_value, encode_split, interpolate,
-    kl_to_standard_normal, knn_accuracy, mahalanobis, pca, read_split_attributes, slerp, study_run, tsne,
+    kl_to_standard_normal, knn_accuracy, latent_statistics, mahalanobis, pca, read_split_attributes, slerp, study_run, tsne,
 )
 from facegen_dist.cli import main
+from facegen_dist.config import load_config
 from facegen_dist.data.pipeline import read_images
 from facegen_dist.data.shards import split_shards
 from facegen_dist.errors import ConfigError
+from facegen_dist.methods import build_method
 from facegen_dist.methods.autoencoder import AutoencoderMethod
+from facegen_dist.methods.vqvae import NO_GAUSSIAN_PRIOR
 from facegen_dist.train.restore import restore_run
-from helpers import TINY, run_facegen, run_train
+from helpers import TINY, TINY_VQVAE2, run_facegen, run_train
 
 VIEWS = ("reconstruction", "latent_map", "generation", "interpolation", "attribute_vector")
 LATENT = ["--num", "38", "--batch-size", "8", "--attr", "accessory"]  # the tiny val split has 38 images
+RUNS = {"vae": [*TINY, "model.name=vae"], "ae": [*TINY, "model.name=ae"], "vq": TINY_VQVAE2}
 
 
 def test_attribute_vector_is_the_mean_with_minus_the_mean_without():
@@ -57,6 +62,19 @@ def test_kl_of_the_aggregate_posterior_gaussian_fit_by_hand():
     assert kl_to_standard_normal(*aggregate_moments(torch.randn(3, 5), None)) is None  # fewer codes than dimensions
     prior = torch.randn(20000, 4, generator=torch.Generator().manual_seed(0))
     assert kl_to_standard_normal(*aggregate_moments(prior, None)) < 0.01
+
+
+def test_diagonal_fit_by_hand_and_no_full_fit_for_a_huge_latent(monkeypatch):
+    a, b = math.sqrt(1.5), math.sqrt(3.0)
+    codes = torch.tensor([[a, 0.0], [-a, 0.0], [0.0, b], [0.0, -b]], dtype=torch.float64) + torch.tensor([1.0, 0.0], dtype=torch.float64)
+    stats = latent_statistics(codes, None)  # diag(1, 2) around (1, 0): the full fit is diagonal too, so both agree
+    assert stats["kl_diagonal_gaussian_fit"] == pytest.approx(0.5 * (1 + 2 + 1 - 2 - math.log(2)))
+    assert stats["kl_gaussian_fit"] == pytest.approx(stats["kl_diagonal_gaussian_fit"]) and "kl_gaussian_fit_note" not in stats
+    assert latent_statistics(torch.randn(3, 5), None)["kl_gaussian_fit_note"].startswith("singular covariance: 3 latents in 5 dims")
+    monkeypatch.setattr(latent, "MAX_FULL_FIT_DIMS", 1)
+    stats = latent_statistics(codes, None)
+    assert stats["kl_gaussian_fit"] is None and stats["kl_gaussian_fit_note"].startswith("not computed: a full covariance of 2 dims")
+    assert stats["kl_diagonal_gaussian_fit"] == pytest.approx(0.5 * (1 + 2 + 1 - 2 - math.log(2)))
 
 
 def test_mahalanobis_distance_by_hand():
@@ -94,6 +112,16 @@ def test_projection_is_deterministic_for_a_seed_and_its_signs_are_fixed():
     assert torch.equal(embedded, tsne(latents, seed=0)[0])
 
 
+def test_projection_of_a_latent_wider_than_tall_matches_the_svd():
+    latents = torch.randn(40, 300, generator=torch.Generator().manual_seed(2)) * torch.linspace(3.0, 0.1, 300)
+    projected, ratio = pca(latents)
+    centered = latents.double() - latents.double().mean(0)
+    _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
+    axes = vh[:2] * torch.sign(vh[:2].gather(1, vh[:2].abs().argmax(1, keepdim=True)))
+    assert torch.allclose(projected, (centered @ axes.T).float(), atol=1e-4)
+    assert torch.allclose(ratio, (singular[:2].pow(2) / singular.pow(2).sum()).float())
+
+
 def test_slerp_keeps_the_norm_and_hits_both_ends():
     a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 3.0, 0.0])
     path = interpolate(a, b, 5, spherical=True)
@@ -106,15 +134,17 @@ def test_slerp_keeps_the_norm_and_hits_both_ends():
 
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory, tiny_shards):
+    """runs/vae, runs/ae and runs/vq (a VQ-VAE2), each trained for 320 images."""
     root = tmp_path_factory.mktemp("latentruns")
-    for name in ("vae", "ae"):
-        result = run_train(root, *TINY, f"data.path={tiny_shards}", f"model.name={name}", f"run.name={name}", "train.total_images=320")
+    for name, overrides in RUNS.items():
+        result = run_train(root, *overrides, f"data.path={tiny_shards}", f"run.name={name}", "train.total_images=320")
         assert result.returncode == 0, result.stderr[-3000:]
     return root
 
 
-def _latent(root, out, *args, num_processes=1):
-    return run_facegen(root, "latent", "--run", "runs/vae", "--run", "runs/ae", "--out", str(out), *LATENT, *args, num_processes=num_processes)
+def _latent(root, out, *args, runs=("vae", "ae"), num_processes=1):
+    run_args = [arg for name in runs for arg in ("--run", f"runs/{name}")]
+    return run_facegen(root, "latent", *run_args, "--out", str(out), *LATENT, *args, num_processes=num_processes)
 
 
 def test_latent_writes_every_view_for_an_ae_and_a_vae(trained_runs, tmp_path):
@@ -142,12 +172,39 @@ def test_latent_writes_every_view_for_an_ae_and_a_vae(trained_runs, tmp_path):
     assert record["protocol"]["attr"] == "accessory" and "wrote" in result.stdout
 
 
+def test_a_vq_run_alone_and_beside_a_vae_studies_its_pre_quantisation_latent(trained_runs, tmp_path):
+    for runs in (("vq",), ("vae", "vq")):
+        out = tmp_path / "+".join(runs)
+        result = _latent(trained_runs, out, runs=runs)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        for view in VIEWS:
+            with Image.open(out / f"{view}.png") as image:
+                assert image.width > 300 and image.height > 200, view
+        record = json.loads((out / "latent.json").read_text())
+        vq = record["runs"][-1]
+        assert vq["model"] == "vqvae2" and set(VIEWS) <= set(vq)
+        # A VQ model's prior is its PixelCNN: prior samples are not drawn, and the record says so.
+        assert vq["generation"] == {"skipped": NO_GAUSSIAN_PRIOR} and "no N(0, I) prior" in NO_GAUSSIAN_PRIOR
+        assert "prior samples: none (no N(0, I) prior)" in result.stdout
+        latent_map = vq["latent_map"]
+        # top 4x4 + bottom 8x8 grids of 8-d latents (embed_dim=8, downsample=4 at 32 px)
+        assert latent_map["dim"] == 640 and len(latent_map["per_dim_std"]) == 640 and latent_map["latent"].endswith("= 640 dims")
+        assert latent_map["kl_gaussian_fit"] is None and latent_map["kl_gaussian_fit_note"].startswith("singular covariance: 38 latents in 640 dims")
+        assert latent_map["kl_diagonal_gaussian_fit"] > 0 and 0 <= latent_map["knn"]["accuracy"] <= 1
+        assert 5 < vq["reconstruction"]["psnr_mean"] < 60 and vq["attribute_vector"]["value"] != "none"
+        assert vq["interpolation"]["kind"] == "linear" and vq["interpolation"]["endpoint_max_abs_diff"] < 1e-5
+        if "vae" in runs:
+            vae = record["runs"][0]
+            assert vae["generation"]["latent"] == "z ~ N(0, I)" and vae["generation"]["mahalanobis_prior_median"] > 0
+            assert vae["latent_map"]["kl_gaussian_fit"] > 0 and vae["interpolation"]["kind"] == "slerp"
+
+
 def test_interpolation_and_attribute_rows_start_from_the_reconstructions(trained_runs, tiny_shards):
     shards = split_shards(tiny_shards, "val")
     images, _ = read_images(shards, 16, 32)
     values = [attributes["accessory"] for attributes in read_split_attributes(shards, 38)]
     one_process = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, device=torch.device("cpu"))
-    for name in ("vae", "ae"):
+    for name in RUNS:
         restored = restore_run(trained_runs / "runs" / name)
         model = restored.method.latent_model(restored.modules)
         encoded = encode_split(one_process, model, tiny_shards, "val", 38, 8, 32, "encoding")
@@ -158,6 +215,27 @@ def test_interpolation_and_attribute_rows_start_from_the_reconstructions(trained
         assert torch.allclose(rows[:, -1], reconstructions[[b for _, b in pairs]], atol=1e-5)
         unchanged = pictures["attribute_vector"][:, numbers["attribute_vector"]["strengths"].index(0.0)]
         assert torch.allclose(unchanged, reconstructions[numbers["attribute_vector"]["faces"]], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vqvae", "vqvae2"])
+def test_vq_latent_is_the_pre_quantisation_latent_and_decodes_to_the_reconstruction(name):
+    cfg = load_config(overrides=[*TINY_VQVAE2, f"model.name={name}"])
+    method = build_method(cfg.model, cfg.data.resolution)
+    modules = method.build_modules()
+    model = modules["vqvae"].eval()
+    latent_model = method.latent_model(modules)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    buffers = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        latents, logvar = latent_model.encode(images)
+        levels = model.encode_latents(images)
+        decoded = latent_model.decode(latents)
+        nudged = latent_model.decode(latents + 1e-6 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)))
+    assert logvar is None and latents.shape == (4, sum(level.flatten(1).shape[1] for level in levels.values()))
+    assert torch.equal(latents, torch.cat([levels[level].flatten(1) for level in model.levels], 1))  # every level, in order
+    assert torch.allclose(decoded, method.reconstruct(modules, images), atol=1e-6)
+    assert torch.equal(nudged, decoded)  # decode snaps to the nearest codes: a small move lands on the same ones
+    assert all(torch.equal(value, buffers[key]) for key, value in model.state_dict().items())  # no codebook update, no EMA
 
 
 def test_bad_input_is_one_line(trained_runs, tmp_path):
@@ -182,10 +260,11 @@ def test_a_method_without_a_continuous_latent_is_named(trained_runs, tmp_path, m
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_write_the_same_latent_json(trained_runs, tmp_path):
-    one = _latent(trained_runs, tmp_path / "one")
+@pytest.mark.parametrize("runs", [("vae", "ae"), ("vq",)], ids="+".join)
+def test_one_and_two_processes_write_the_same_latent_json(trained_runs, tmp_path, runs):
+    one = _latent(trained_runs, tmp_path / "one", runs=runs)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _latent(trained_runs, tmp_path / "two", num_processes=2)
+    two = _latent(trained_runs, tmp_path / "two", runs=runs, num_processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote") == 1  # the main process alone writes and reports
     assert json.loads((tmp_path / "one" / "latent.json").read_text()) == json.loads((tmp_path / "two" / "latent.json").read_text())

@@ -81,11 +81,18 @@ def _number(value: float | None) -> str:
 
 def _summary(record: dict) -> str:
     latent_map, generation = record["latent_map"], record["generation"]
+    if latent_map["kl_gaussian_fit"] is None:
+        kl = f"KL(diagonal fit||N(0,I)) {_number(latent_map['kl_diagonal_gaussian_fit'])}"
+    else:
+        kl = f"KL(fit||N(0,I)) {_number(latent_map['kl_gaussian_fit'])}"
+    if "skipped" in generation:
+        prior = "prior samples: none (no N(0, I) prior)"
+    else:
+        prior = f"Mahalanobis median: prior z {_number(generation['mahalanobis_prior_median'])}, codes {_number(generation['mahalanobis_code_median'])}"
     return (
         f"{record['run']} ({record['model']}, {record['images_seen']:,} images{', EMA' if record['ema'] else ''}): "
-        f"PSNR {record['reconstruction']['psnr_mean']:.2f} dB | KL(fit||N(0,I)) {_number(latent_map['kl_gaussian_fit'])} | "
-        f"{latent_map['knn']['k']}-NN {latent_map['attr']} {latent_map['knn']['accuracy']:.3f} (majority {latent_map['knn']['majority_baseline']:.3f}) | "
-        f"Mahalanobis median: prior z {_number(generation['mahalanobis_prior_median'])}, codes {_number(generation['mahalanobis_code_median'])}"
+        f"PSNR {record['reconstruction']['psnr_mean']:.2f} dB | {kl} | "
+        f"{latent_map['knn']['k']}-NN {latent_map['attr']} {latent_map['knn']['accuracy']:.3f} (majority {latent_map['knn']['majority_baseline']:.3f}) | {prior}"
     )
 
 

@@ -31,6 +31,14 @@ def _number(value: float | None) -> str:
     return "n/a (singular fit)" if value is None else f"{value:.3g}"
 
 
+def _fit_kl(numbers: dict) -> str:
+    """The full Gaussian fit's KL, or why there is none, and the diagonal fit's."""
+    full = numbers["kl_gaussian_fit"]
+    diagonal = numbers["kl_diagonal_gaussian_fit"]
+    text = f"{full:.3g}" if full is not None else "n/a, " + numbers["kl_gaussian_fit_note"].split(";")[0]
+    return f"{text}; diagonal fit {'n/a (a constant dimension)' if diagonal is None else f'{diagonal:.3g}'}"
+
+
 def _save(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
@@ -52,15 +60,29 @@ def _image_panel(ax, cells: torch.Tensor, title: str, col_labels=None, row_label
     ax.set_title(title, fontsize=10)
 
 
+def _note_panel(ax, title: str, note: str) -> None:
+    """A panel that says in words why a run has no pictures for this view."""
+    ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=10, bbox={"facecolor": "0.93", "edgecolor": "0.6"})
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+
+
 def _image_figure(studies: list[dict], heading: str, panel, path: Path) -> Path:
-    """One image panel per run, side by side; `panel(study) -> (cells, title line, col labels, row labels)`."""
+    """One image panel per run, side by side; `panel(study) -> (cells, title line, col labels, row labels)`.
+
+    cells None: the view does not apply to that run, and the title line says why (drawn as a note).
+    """
     drawn = [panel(study) for study in studies]
-    rows, cols = drawn[0][0].shape[:2]
+    rows, cols = next((cells.shape[:2] for cells, *_ in drawn if cells is not None), (4, 6))
     panel_inches = max(cols * CELL_INCHES + 1.4, 4.5)
+    text_inches = max(cols * CELL_INCHES, 3.6)
     figure = Figure(figsize=(len(studies) * panel_inches, rows * CELL_INCHES + 2.0), layout="constrained")
     figure.suptitle(_wrap(heading, len(studies) * panel_inches, 12), fontsize=12)
     for ax, study, (cells, line, col_labels, row_labels) in zip(figure.subplots(1, len(studies), squeeze=False)[0], studies, drawn):
-        _image_panel(ax, cells, _wrap(f"{study['title']}\n{line}", max(cols * CELL_INCHES, 3.6), 10), col_labels, row_labels)
+        if cells is None:
+            _note_panel(ax, _wrap(study["title"], text_inches, 10), _wrap(line, text_inches - 0.4, 10))
+        else:
+            _image_panel(ax, cells, _wrap(f"{study['title']}\n{line}", text_inches, 10), col_labels, row_labels)
     return _save(figure, path)
 
 
@@ -84,8 +106,10 @@ def reconstruction_figure(studies: list[dict], path: Path) -> Path:
 def generation_figure(studies: list[dict], path: Path) -> Path:
     def panel(study):
         samples = study["pictures"]["generation"]
-        side = max(1, int(samples.shape[0] ** 0.5))
         numbers = study["numbers"]["generation"]
+        if samples is None:
+            return None, numbers["skipped"], None, None
+        side = max(1, int(samples.shape[0] ** 0.5))
         line = (f"Mahalanobis distance under the Gaussian fit of the codes ({numbers['codes']}), median:"
                 f" prior z {_number(numbers['mahalanobis_prior_median'])}, codes {_number(numbers['mahalanobis_code_median'])}")
         return samples[: side * side].reshape(side, side, *samples.shape[1:]), line, None, None
@@ -149,7 +173,7 @@ def latent_map_figure(studies: list[dict], path: Path) -> Path:
     figure = Figure(figsize=(width, 4.6 * num_rows + 0.8), layout="constrained")
     axes = figure.subplots(num_rows, len(studies), squeeze=False)
     first = studies[0]["numbers"]["latent_map"]
-    heading = f"Latent map: {first['knn']['num_train'] + first['knn']['num_test']} val codes (posterior means) coloured by {first['attr']}"
+    heading = f"Latent map: {first['knn']['num_train'] + first['knn']['num_test']} val latents coloured by {first['attr']}"
     if not with_tsne:
         heading += f"\n{studies[0]['pictures']['latent_map']['tsne_note']}"
     figure.suptitle(_wrap(heading, width - 2.2, 12), fontsize=12)
@@ -157,9 +181,9 @@ def latent_map_figure(studies: list[dict], path: Path) -> Path:
         numbers, pictures = study["numbers"]["latent_map"], study["pictures"]["latent_map"]
         knn = numbers["knn"]
         summary = (f"{knn['k']}-NN {numbers['attr']} accuracy {knn['accuracy']:.2f} (majority class {knn['majority_baseline']:.2f})\n"
-                   f"KL(Gaussian fit of q(z) || N(0, I)) = {_number(numbers['kl_gaussian_fit'])}")
+                   f"KL(Gaussian fit of q(z) || N(0, I)) = {_fit_kl(numbers)}")
         ratio = numbers["pca_explained_variance_ratio"]
-        _scatter(axes[0, column], pictures["pca"], pictures["values"], colours, _wrap(f"{study['title']}\nPCA\n{summary}", 5.2, 10),
+        _scatter(axes[0, column], pictures["pca"], pictures["values"], colours, _wrap(f"{study['title']}\nPCA of the {numbers['latent']}\n{summary}", 5.2, 10),
                  (f"PC1 ({100 * ratio[0]:.1f}% of variance)", f"PC2 ({100 * ratio[1]:.1f}%)"))
         if with_tsne:
             if pictures["tsne"] is not None:

@@ -2,7 +2,10 @@
 
 A model enters through `Method.latent_model(modules)`: `encode(images) -> (mean, logvar or None)`
 and `decode(latents)`. Latents are handled flattened ([N, D]) and reshaped only to decode, so a
-spatial pre-quantisation latent works the same way. Figures are drawn in figures.py.
+spatial pre-quantisation latent works the same way. Two optional attributes of that object:
+`latent_description` (what a latent is, for the records) and `no_gaussian_prior` (why decoding
+z ~ N(0, I) means nothing for this model, e.g. a VQ model; the generation view then records that
+instead of decoding). Figures are drawn in figures.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from facegen_dist.eval.reference import split_chunk_reader
 from facegen_dist.models.autoencoder import gaussian_kl
 
 TSNE_MISSING = "t-SNE skipped: scikit-learn is not installed (pip install 'facegen-dist[analysis]')"
+# Largest latent for a full-covariance Gaussian fit: its D x D float64 matrix and eigendecomposition take
+# 134 MB and seconds at 4096 dims, but 3.4 GB and most of an hour for a 64 px VQ-VAE2's 20480.
+MAX_FULL_FIT_DIMS = 4096
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,16 @@ def pca(latents: torch.Tensor, dims: int = 2) -> tuple[torch.Tensor, torch.Tenso
     Each axis's sign is fixed so that its largest loading is positive: SVD may return either sign.
     """
     centered = latents.double() - latents.double().mean(0)
-    _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
-    axes = vh[:dims]
+    if centered.shape[1] > centered.shape[0]:
+        # Wider than tall (a VQ latent: 20480 dims of 2000 images): the N x N Gram matrix has the same
+        # nonzero spectrum, and its eigenvectors u give the axes X^T u / s, some 10x faster than the SVD.
+        variance, vectors = torch.linalg.eigh(centered @ centered.T)
+        variance, vectors = variance.flip(0).clamp_min(0), vectors.flip(1)
+        axes = (vectors[:, :dims].T @ centered) / variance[:dims, None].sqrt().clamp_min(1e-150)
+    else:
+        _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
+        axes, variance = vh[:dims], singular.pow(2)
     axes = axes * torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
-    variance = singular.pow(2)
     return (centered @ axes.T).float(), (variance[:dims] / variance.sum().clamp_min(1e-300)).float()
 
 
@@ -134,22 +146,43 @@ def kl_to_standard_normal(mean: torch.Tensor, covariance: torch.Tensor) -> float
     return float(0.5 * (covariance.trace() + mean.dot(mean) - mean.shape[0] - logdet))
 
 
+def gaussian_fit(means: torch.Tensor, logvar: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """aggregate_moments, or None when the latent has more than MAX_FULL_FIT_DIMS dimensions."""
+    return None if means.shape[1] > MAX_FULL_FIT_DIMS else aggregate_moments(means, logvar)
+
+
+def kl_diagonal_to_standard_normal(mean: torch.Tensor, variance: torch.Tensor) -> float | None:
+    """KL(N(mean, diag(variance)) || N(0, I)): the fit without correlations; None if a dimension has no variance."""
+    kl = 0.5 * (variance + mean.pow(2) - 1 - variance.log()).sum()
+    return float(kl) if torch.isfinite(kl) else None
+
+
 def latent_statistics(means: torch.Tensor, logvar: torch.Tensor | None) -> dict:
-    """Per-dimension mean/std, the Gaussian fit of the aggregate posterior against N(0, I), and active dimensions."""
+    """Per-dimension mean/std, Gaussian fits of the aggregate posterior against N(0, I), and active dimensions."""
     x = means.double()
-    mean, covariance = aggregate_moments(x, logvar)
+    num, dim = x.shape
+    mean = x.mean(0)
+    variance = x.var(0) if logvar is None else x.var(0) + logvar.double().exp().mean(0)  # the covariance's diagonal
     stats = {
-        "dim": x.shape[1],
+        "dim": dim,
         "per_dim_mean": mean.tolist(),
         "per_dim_std": x.std(0).tolist(),  # of the codes / posterior means
         "mean_abs_mean": float(mean.abs().mean()),
         "mean_std": float(x.std(0).mean()),
         # Burda et al. (2016): a dimension is active if its code moves with the input (Var > 0.01).
         "active_dims": int((x.var(0) > 0.01).sum()),
-        "kl_gaussian_fit": kl_to_standard_normal(mean, covariance),
+        "kl_gaussian_fit": None,
+        "kl_diagonal_gaussian_fit": kl_diagonal_to_standard_normal(mean, variance),
     }
+    fit = gaussian_fit(x, logvar)
+    if fit is None:
+        stats["kl_gaussian_fit_note"] = f"not computed: a full covariance of {dim} dims is too large (limit {MAX_FULL_FIT_DIMS}); see kl_diagonal_gaussian_fit"
+    else:
+        stats["kl_gaussian_fit"] = kl_to_standard_normal(*fit)
+        if stats["kl_gaussian_fit"] is None:
+            stats["kl_gaussian_fit_note"] = f"singular covariance: {num} latents in {dim} dims; see kl_diagonal_gaussian_fit"
     if logvar is not None:
-        stats["per_dim_aggregate_std"] = covariance.diagonal().sqrt().tolist()  # with the posterior variance: 1 under the prior
+        stats["per_dim_aggregate_std"] = variance.sqrt().tolist()  # with the posterior variance: 1 under the prior
         stats["posterior_kl_mean"] = float(gaussian_kl(x, logvar.double()).mean())
     return stats
 
@@ -262,29 +295,14 @@ def study_run(model, encoded: dict[str, torch.Tensor], images: torch.Tensor, val
     embedded, tsne_record = tsne(means, options.seed)
     labels, _ = encode_labels(values)
     numbers["latent_map"] = {
-        "attr": options.attr, "pca_explained_variance_ratio": explained.tolist(), "tsne": tsne_record,
+        "attr": options.attr, "latent": getattr(model, "latent_description", "posterior means" if spherical else "codes"),
+        "pca_explained_variance_ratio": explained.tolist(), "tsne": tsne_record,
         "knn": knn_accuracy(means, labels, options.k, options.knn_test_fraction, options.seed),
         **latent_statistics(means, logvar),
     }
     pictures["latent_map"] = {"pca": projected, "tsne": embedded, "tsne_note": tsne_record.get("skipped"), "values": values}
 
-    generator = torch.Generator().manual_seed(options.seed)
-    prior = torch.randn(options.prior_samples, means.shape[1], generator=generator)
-    # What the decoder was trained on: the codes (AE), samples z ~ q(z|x) (VAE). Under the Gaussian fit
-    # of their distribution a code lies about sqrt(D) from the mean; a prior draw much farther lies
-    # where the decoder never had an input. (Euclidean distances say little here: in high dimension
-    # they concentrate, and the AE's trouble is the directions its codes never take, not their scale.)
-    codes = means if logvar is None else means + torch.randn(means.shape, generator=generator) * (0.5 * logvar).exp()
-    fit_mean, fit_covariance = aggregate_moments(means, logvar)
-    prior_distance, code_distance = mahalanobis(prior, fit_mean, fit_covariance), mahalanobis(codes, fit_mean, fit_covariance)
-    numbers["generation"] = {
-        "num": options.prior_samples, "latent": "z ~ N(0, I)", "seed": options.seed,
-        "codes": "z ~ q(z|x)" if spherical else "encoder outputs",
-        "mahalanobis_prior_median": None if prior_distance is None else float(prior_distance.median()),
-        "mahalanobis_code_median": None if code_distance is None else float(code_distance.median()),
-        "mahalanobis_typical": math.sqrt(means.shape[1]),
-    }
-    pictures["generation"] = _decode(model, prior, latent_shape)
+    numbers["generation"], pictures["generation"] = _generation(model, means, logvar, latent_shape, options)
 
     pairs = [(2 * i, 2 * i + 1) for i in range(min(options.pairs, shown // 2))]
     rows = torch.stack([_decode(model, interpolate(means[a], means[b], options.steps, spherical), latent_shape) for a, b in pairs])
@@ -307,3 +325,28 @@ def study_run(model, encoded: dict[str, torch.Tensor], images: torch.Tensor, val
     }
     pictures["attribute_vector"] = grid
     return numbers, pictures
+
+
+def _generation(model, means: torch.Tensor, logvar: torch.Tensor | None, latent_shape: torch.Size, options: StudyOptions) -> tuple[dict, torch.Tensor | None]:
+    """Prior samples z ~ N(0, I) through the decoder and how far they lie from the codes; (record, None) where the model has no such prior."""
+    not_applicable = getattr(model, "no_gaussian_prior", None)
+    if not_applicable:
+        return {"skipped": not_applicable}, None
+    spherical = logvar is not None
+    generator = torch.Generator().manual_seed(options.seed)
+    prior = torch.randn(options.prior_samples, means.shape[1], generator=generator)
+    # What the decoder was trained on: the codes (AE), samples z ~ q(z|x) (VAE). Under the Gaussian fit
+    # of their distribution a code lies about sqrt(D) from the mean; a prior draw much farther lies
+    # where the decoder never had an input. (Euclidean distances say little here: in high dimension
+    # they concentrate, and the AE's trouble is the directions its codes never take, not their scale.)
+    codes = means if logvar is None else means + torch.randn(means.shape, generator=generator) * (0.5 * logvar).exp()
+    fit = gaussian_fit(means, logvar)
+    prior_distance, code_distance = (None, None) if fit is None else (mahalanobis(prior, *fit), mahalanobis(codes, *fit))
+    record = {
+        "num": options.prior_samples, "latent": "z ~ N(0, I)", "seed": options.seed,
+        "codes": "z ~ q(z|x)" if spherical else "encoder outputs",
+        "mahalanobis_prior_median": None if prior_distance is None else float(prior_distance.median()),
+        "mahalanobis_code_median": None if code_distance is None else float(code_distance.median()),
+        "mahalanobis_typical": math.sqrt(means.shape[1]),
+    }
+    return record, _decode(model, prior, latent_shape)

@@ -6,6 +6,7 @@ stage on a finished VQ run (methods/prior.py). This method reconstructs and logs
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from torch import nn
 from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import Method, Phase
 from facegen_dist.models.vqvae import VQVAE, VQVAE2
+
+NO_GAUSSIAN_PRIOR = ("no N(0, I) prior: a VQ model samples from a PixelCNN prior over its codes; train a pixelcnn_prior "
+                     "with model.vq_run=<this run> and sample with `facegen sample --run <that prior run>`")
 
 
 @dataclass
@@ -50,6 +54,39 @@ def build_vq_model(cfg, resolution: int) -> nn.Module:
     return model_class(cfg.channels, cfg.res_blocks, cfg.res_channels, cfg.embed_dim, cfg.downsample, quant)
 
 
+class PreQuantLatent(nn.Module):
+    """A VQ model as the latent-space tools see it: every level's pre-quantisation latent, flattened and concatenated.
+
+    decode snaps each level to its nearest codes and decodes, so decode(encode(x)) is the model's
+    reconstruction and any latent it is given (an interpolation, an attribute shift) is decoded
+    as a code grid. decode only looks codes up; encode runs the model's quantizers, so keep the model
+    in eval mode (as restore_run gives it), where they do not update.
+    """
+
+    no_gaussian_prior = NO_GAUSSIAN_PRIOR
+
+    def __init__(self, model: VQVAE | VQVAE2, embed_dim: int, resolution: int):
+        super().__init__()
+        self.model = model
+        self.shapes = {level: (embed_dim, *grid) for level, grid in model.grid_shapes(resolution).items()}
+        self.latent_description = "pre-quantisation latent: " + " + ".join(
+            f"{level} {'x'.join(map(str, shape[1:]))}x{shape[0]}" for level, shape in self.shapes.items()
+        ) + f" = {sum(math.prod(shape) for shape in self.shapes.values())} dims"
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        latents = self.model.encode_latents(images)
+        return torch.cat([latents[level].flatten(1) for level in self.shapes], 1), None
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        sizes = [math.prod(shape) for shape in self.shapes.values()]
+        quantizers = self.model.quantizers()
+        quantized = {}
+        for (level, shape), flat in zip(self.shapes.items(), latents.float().split(sizes, dim=1)):
+            rows = flat.reshape(-1, *shape).permute(0, 2, 3, 1).reshape(-1, shape[0])
+            quantized[level] = quantizers[level].lookup(quantizers[level].nearest(rows).view(-1, *shape[1:]))
+        return self.model.decode(quantized)
+
+
 class VQVAEMethod(Method):
     config_class = VQVAEConfig
 
@@ -78,6 +115,9 @@ class VQVAEMethod(Method):
     def reconstruct(self, modules, images):
         reconstruction, _, _, _ = modules["vqvae"](images)
         return reconstruction
+
+    def latent_model(self, modules):
+        return PreQuantLatent(modules["vqvae"], self.cfg.embed_dim, self.resolution)
 
     def figures(self, modules, out_dir: Path, tag: str) -> dict[str, str]:
         from facegen_dist.log.figures import codebook_usage_figure

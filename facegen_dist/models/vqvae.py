@@ -102,13 +102,13 @@ class VQVAE(nn.Module):
     def quantizers(self) -> dict[str, VectorQuantizer]:
         return {"bottom": self.quantize}
 
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Pre-quantisation latent [B, D, h, w]."""
-        return self.to_embed(self.encoder(images * 2 - 1))
+    def encode_latents(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pre-quantisation latent per level, {level: [B, D, h, w]}: what the quantizer sees."""
+        return {"bottom": self.to_embed(self.encoder(images * 2 - 1))}
 
     def encode(self, images: torch.Tensor):
         """-> (quantized maps per level, code indices per level, quantizer loss, stats per level)."""
-        quantized, indices, loss, stats = self.quantize(self.encode_latents(images))
+        quantized, indices, loss, stats = self.quantize(self.encode_latents(images)["bottom"])
         return {"bottom": quantized}, {"bottom": indices}, loss, {"bottom": stats}
 
     def decode(self, quantized: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,17 +149,26 @@ class VQVAE2(nn.Module):
     def quantizers(self) -> dict[str, VectorQuantizer]:
         return {"top": self.quantize_top, "bottom": self.quantize_bottom}
 
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Pre-quantisation top latent [B, D, h, w] (the latent-space tools read this)."""
-        return self.to_embed_top(self.encoder_top(self.encoder_bottom(images * 2 - 1)))
+    def encode_latents(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pre-quantisation latent per level, {level: [B, D, h, w]}: what each quantizer sees.
+
+        The bottom latent is made from the quantized top, so this runs the top quantizer: in
+        training mode that updates its codebook, so call it in eval mode.
+        """
+        return self._encode(images)[0]
 
     def encode(self, images: torch.Tensor):
+        """-> (quantized maps per level, code indices per level, quantizer loss, stats per level)."""
+        return self._encode(images)[1:]
+
+    def _encode(self, images: torch.Tensor):
         features_bottom = self.encoder_bottom(images * 2 - 1)
-        features_top = self.encoder_top(features_bottom)
-        quantized_top, indices_top, loss_top, stats_top = self.quantize_top(self.to_embed_top(features_top))
-        conditioned = torch.cat([self.decoder_top(quantized_top), features_bottom], dim=1)
-        quantized_bottom, indices_bottom, loss_bottom, stats_bottom = self.quantize_bottom(self.to_embed_bottom(conditioned))
+        latent_top = self.to_embed_top(self.encoder_top(features_bottom))
+        quantized_top, indices_top, loss_top, stats_top = self.quantize_top(latent_top)
+        latent_bottom = self.to_embed_bottom(torch.cat([self.decoder_top(quantized_top), features_bottom], dim=1))
+        quantized_bottom, indices_bottom, loss_bottom, stats_bottom = self.quantize_bottom(latent_bottom)
         return (
+            {"top": latent_top, "bottom": latent_bottom},
             {"top": quantized_top, "bottom": quantized_bottom},
             {"top": indices_top, "bottom": indices_bottom},
             loss_top + loss_bottom,
