@@ -236,11 +236,12 @@ def test_actnorm_init_is_the_same_on_every_rank_and_uses_all_ranks_data():
     assert torch.allclose(torch.from_numpy(scale0).flatten().double(), 1 / (pooled.std(1) + 1e-6), rtol=1e-5)
 
 
-def test_tiny_perceptual_loss_is_a_frozen_deterministic_distance():
+@pytest.mark.parametrize("backbone", ["tiny", "avatar"])
+def test_perceptual_loss_is_a_frozen_deterministic_distance(backbone):
     torch.manual_seed(1)
-    first = PerceptualLoss("tiny")
+    first = PerceptualLoss(backbone)
     torch.manual_seed(2)  # the global RNG must not matter
-    second = PerceptualLoss("tiny")
+    second = PerceptualLoss(backbone)
     assert [p for p in first.parameters() if p.requires_grad] == []
     images, others = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
     assert torch.equal(first(images, images), torch.zeros(3))
@@ -252,6 +253,17 @@ def test_tiny_perceptual_loss_is_a_frozen_deterministic_distance():
     moving = images.clone().requires_grad_()
     first(moving, others).sum().backward()
     assert moving.grad is not None and moving.grad.abs().sum() > 0 and torch.isfinite(moving.grad).all()
+
+
+def test_avatar_perceptual_loss_uses_the_shipped_network_and_ranks_blur_above_identity():
+    from facegen_dist.eval.avatar_extractor import load_attribute_net
+
+    loss = PerceptualLoss("avatar")
+    net, _ = load_attribute_net()
+    assert all(torch.equal(a, b) for a, b in zip(loss.net.stages.state_dict().values(), net.trunk.state_dict().values()))
+    images = torch.rand(2, 3, 64, 64)
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
+    assert (loss(blurred, images) > loss(images, images)).all()
 
 
 @pytest.fixture

@@ -64,9 +64,10 @@ class VQGANConfig:
     cosine: bool = False
     recon_loss: str = "l1"  # l1 | l2
     recon_weight: float = 1.0
-    perceptual: str = "vgg16"  # vgg16 (LPIPS) | tiny (a stand-in for tests, meaningless for quality) | none
+    # vgg16 (LPIPS) | avatar (LPIPS form over the shipped avatar network: offline, avatars only) | tiny (tests only) | none
+    perceptual: str = "vgg16"
     perceptual_weight: float = 1.0
-    perceptual_weights: str = ""  # torchvision vgg16 state dict (.pth) for offline machines
+    perceptual_weights: str = ""  # torchvision vgg16 state dict (.pth) for offline machines; for avatar: another extractor
     disc_layers: int = 3
     disc_channels: int = 64
     disc_norm: str = "batch"  # batch | act (ActNorm, data-initialised identically on every rank) | none
@@ -83,7 +84,7 @@ class VQGANConfig:
 
 def build_vqgan(cfg, resolution: int) -> VQGAN:
     for key, value, allowed in (("codebook_update", cfg.codebook_update, ("ema", "loss")), ("recon_loss", cfg.recon_loss, ("l1", "l2")),
-                                ("perceptual", cfg.perceptual, ("vgg16", "tiny", "none")), ("disc_loss", cfg.disc_loss, ("hinge", "vanilla")),
+                                ("perceptual", cfg.perceptual, ("vgg16", "avatar", "tiny", "none")), ("disc_loss", cfg.disc_loss, ("hinge", "vanilla")),
                                 ("disc_norm", cfg.disc_norm, ("batch", "act", "none"))):
         if value not in allowed:
             raise ConfigError(f"model.{key}: '{value}' is not one of {', '.join(allowed)}")

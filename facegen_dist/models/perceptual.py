@@ -38,7 +38,7 @@ VGG16_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 weights, the on
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 VGG16_HASH_PREFIX = "397923af"  # the sha256 prefix in the file name, checked after a download
 ALLOW_DOWNLOAD_ENV = "FACEGEN_ALLOW_DOWNLOAD"
-BACKBONES = ("vgg16", "tiny")
+BACKBONES = ("vgg16", "avatar", "tiny")
 
 
 class TinyLPIPS(nn.Module):
@@ -57,13 +57,42 @@ class TinyLPIPS(nn.Module):
         self.stages = nn.ModuleList(stages)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total = images.new_zeros(images.shape[0])
-        for stage in self.stages:
-            images, targets = stage(images), stage(targets)
-            # F.normalize: unlike x / sqrt(sum x^2) it has a gradient where ReLU zeroed every channel.
-            difference = (F.normalize(images, dim=1, eps=1e-10) - F.normalize(targets, dim=1, eps=1e-10)).pow(2)
-            total = total + difference.sum(1).mean((1, 2))  # unit heads, spatial mean
-        return total
+        return lpips_distance(self.stages, images, targets)
+
+
+def lpips_distance(stages, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """LPIPS with unit heads over the outputs of `stages` (applied in turn): per image [B]."""
+    total = images.new_zeros(images.shape[0])
+    for stage in stages:
+        images, targets = stage(images), stage(targets)
+        # F.normalize: unlike x / sqrt(sum x^2) it has a gradient where ReLU zeroed every channel.
+        difference = (F.normalize(images, dim=1, eps=1e-10) - F.normalize(targets, dim=1, eps=1e-10)).pow(2)
+        total = total + difference.sum(1).mean((1, 2))  # unit heads, spatial mean
+    return total
+
+
+class AvatarLPIPS(nn.Module):
+    """LPIPS form over the four stages of the shipped avatar attribute network (avatar-v1), unit heads.
+
+    A real, trained feature space for cartoon avatars that needs no download: the perceptual loss of
+    the CPU avatar configs, where VGG16 weights are not to be had offline. Caveat: the avatar FD
+    (`fd_avatar`, `rfd_avatar`) measures in the same feature space, so a model trained with this loss
+    is favoured by that metric; judge it by PSNR/SSIM and by eye too. Inputs in [-1, 1].
+    """
+
+    def __init__(self, weights: str = ""):
+        super().__init__()
+        from facegen_dist.eval.avatar_extractor import load_attribute_net  # late: pulls in torch-fidelity
+
+        net, _ = load_attribute_net(weights or None)
+        self.input_size = net.input_size
+        self.stages = net.trunk
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.input_size:
+            images, targets = (F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
+                               for x in (images, targets))
+        return lpips_distance(self.stages, images, targets)
 
 
 def _allowed_online(allow_download: bool | None) -> bool:
@@ -132,8 +161,9 @@ def _lpips_vgg16(weights: str, allow_download: bool | None) -> nn.Module:
 class PerceptualLoss(nn.Module):
     """Frozen LPIPS distance between images in [0, 1]; returns one value per image, shape [B].
 
-    backbone: 'vgg16' (real LPIPS) or 'tiny' (tests and CPU smoke runs only).
-    weights: a torchvision vgg16 state dict for 'vgg16' (see the module docstring for the search order).
+    backbone: 'vgg16' (real LPIPS), 'avatar' (the shipped avatar network: avatars, offline) or 'tiny' (tests only).
+    weights: a torchvision vgg16 state dict for 'vgg16' (see the module docstring for the search order);
+    for 'avatar' another avatar extractor's .safetensors (default: the shipped one).
     allow_download: None reads FACEGEN_ALLOW_DOWNLOAD; only then may the VGG16 trunk be downloaded.
     """
 
@@ -141,6 +171,8 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         if backbone == "vgg16":
             self.net = _lpips_vgg16(weights, allow_download)
+        elif backbone == "avatar":
+            self.net = AvatarLPIPS(weights)
         elif backbone == "tiny":
             self.net = TinyLPIPS()
         else:
