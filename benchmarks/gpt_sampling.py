@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import time
 
 import torch
+from timing import best_of
 
 from facegen_dist.models.gpt import CodeGPT
 
@@ -24,15 +24,7 @@ from facegen_dist.models.gpt import CodeGPT
 def seconds_per_image(model: CodeGPT, num: int, use_cache: bool, device: torch.device, repeats: int = 1) -> tuple[float, torch.Tensor]:
     """The best of `repeats` sample calls (on a shared machine the minimum is the least noisy), per image."""
     cond = torch.arange(num) % model.num_classes if model.num_classes else None
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        codes = model.sample(num, cond, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    best, codes = best_of(lambda: model.sample(num, cond, generator=torch.Generator().manual_seed(0), use_cache=use_cache), device, repeats)
     return best / num, codes
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import time
 
 import torch
+from timing import best_of
 
 from facegen_dist.models.pixelcnn import GatedPixelCNN
 
@@ -28,15 +28,7 @@ def seconds_per_image(model: GatedPixelCNN, num: int, grid: int, cond_codes: int
     if cond_codes:
         side = grid // model.cond_scale
         cond = torch.randint(0, cond_codes, (num, side, side), generator=torch.Generator().manual_seed(1))
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        codes = model.sample(num, grid, grid, cond, generator=torch.Generator().manual_seed(0), fast=fast)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    best, codes = best_of(lambda: model.sample(num, grid, grid, cond, generator=torch.Generator().manual_seed(0), fast=fast), device, repeats)
     return best / num, codes
 
 

@@ -86,6 +86,19 @@ def start_train(cwd: Path, *args: str, num_processes: int = 2) -> subprocess.Pop
     )
 
 
+def kill9_after_first_checkpoint(launch: subprocess.Popen, run_dir: Path, timeout: float = 300) -> None:
+    """Wait for the run's first checkpoint, then SIGKILL the launcher and every rank, with no chance to clean up."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not list((run_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert launch.poll() is None, "training ended before the test could kill it:\n" + launch.stdout.read()[-3000:]
+    os.killpg(launch.pid, signal.SIGKILL)
+    launch.wait(timeout=60)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
 

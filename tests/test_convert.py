@@ -21,7 +21,7 @@ from PIL import Image
 
 from facegen_dist.data.convert import JOURNAL_NAME, ConvertOptions, assign_splits, convert
 from facegen_dist.data.shards import iter_shard_samples, read_manifest, split_shards, verify_shards
-from facegen_dist.data.sources import cartoonset_source, ffhq_source, folder_source, parse_cartoon_csv
+from facegen_dist.data.sources import ffhq_source, folder_source, parse_cartoon_csv
 from facegen_dist.errors import DataError
 from helpers import TINY, read_metrics, run_train
 

@@ -2,15 +2,12 @@
 
 import json
 import math
-import os
-import signal
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY, read_metrics, run_train, start_train
+from helpers import TINY, kill9_after_first_checkpoint, read_metrics, run_train, start_train
 
 pytestmark = pytest.mark.slow
 
@@ -56,13 +53,7 @@ def test_kill9_then_rerun_reproduces_uninterrupted_losses(tmp_path, tiny_shards)
     _assert_ok(reference)
 
     crashed_dir = tmp_path / "runs" / "crashed"
-    launch = start_train(tmp_path, *_resume_args("crashed"), data)
-    deadline = time.time() + 300
-    while not list((crashed_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert launch.poll() is None, "training ended before the test could kill it:\n" + launch.stdout.read()[-3000:]
-    os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to clean up
-    launch.wait(timeout=60)
+    kill9_after_first_checkpoint(start_train(tmp_path, *_resume_args("crashed"), data), crashed_dir)
     assert not (crashed_dir / "summary.json").exists()
     assert read_metrics(crashed_dir)[-1]["step"] < 150
 

@@ -3,15 +3,12 @@ processes, then the PixelCNN prior stage on the code shards (train, kill -9 and 
 PNG grid with 1 and 2 processes) and on images (codes computed on the fly)."""
 
 import json
-import os
-import signal
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import COMMON, TINY_VQVAE2, read_metrics, run_facegen, run_train, start_train
+from helpers import COMMON, TINY_VQVAE2, kill9_after_first_checkpoint, read_metrics, run_facegen, run_train, start_train
 
 pytestmark = pytest.mark.slow
 
@@ -107,13 +104,7 @@ def test_prior_on_code_shards_trains_resumes_exactly_after_kill9_and_samples(vq_
     _assert_ok(reference)
 
     crashed_dir = tmp_path / "runs" / "crashed"
-    launch = start_train(tmp_path, *_prior_args("crashed", vq_root, codes))
-    deadline = time.time() + 300
-    while not list((crashed_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert launch.poll() is None, "training ended before the test could kill it:\n" + launch.stdout.read()[-3000:]
-    os.killpg(launch.pid, signal.SIGKILL)
-    launch.wait(timeout=60)
+    kill9_after_first_checkpoint(start_train(tmp_path, *_prior_args("crashed", vq_root, codes)), crashed_dir)
     assert not (crashed_dir / "summary.json").exists()
     resumed = run_train(tmp_path, *_prior_args("crashed", vq_root, codes), num_processes=2)
     _assert_ok(resumed)

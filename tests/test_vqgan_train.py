@@ -3,15 +3,12 @@ across its start after kill -9, and the GPT prior trained on the run and sampled
 
 import json
 import math
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, _env, accelerate_command, read_metrics, run_facegen, run_train, start_train
+from helpers import REPO, _env, accelerate_command, kill9_after_first_checkpoint, read_metrics, run_facegen, run_train, start_train
 
 pytestmark = pytest.mark.slow
 
@@ -67,13 +64,7 @@ def test_two_processes_discriminator_starts_partway_and_kill9_resume_is_exact_ac
     assert summary["world_size"] == 2 and summary["ranks_in_sync"]
 
     crashed_dir = tmp_path / "runs" / "crashed"
-    launch = start_train(tmp_path, *_run_args("crashed", tiny_shards))
-    deadline = time.time() + 300
-    while not list((crashed_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert launch.poll() is None, "training ended before the test could kill it:\n" + launch.stdout.read()[-3000:]
-    os.killpg(launch.pid, signal.SIGKILL)
-    launch.wait(timeout=60)
+    kill9_after_first_checkpoint(start_train(tmp_path, *_run_args("crashed", tiny_shards)), crashed_dir)
     killed_at = read_metrics(crashed_dir)[-1]["images_seen"]
     assert killed_at < 240, "the kill must land before the discriminator starts, so the resume crosses it"
 

@@ -83,7 +83,7 @@ def data_main(argv: list[str]) -> int:
         try:
             _report(args.out, convert(source, args.out, options, workers=args.workers))
         except KeyboardInterrupt:
-            raise DataError(f"interrupted; finished shards are kept: run the same command again to resume") from None
+            raise DataError("interrupted; finished shards are kept: run the same command again to resume") from None
     else:
         from facegen_dist.data.shards import verify_shards
 

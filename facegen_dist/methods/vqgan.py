@@ -33,7 +33,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from facegen_dist.errors import ConfigError

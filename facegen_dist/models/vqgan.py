@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from facegen_dist.models.quantizer import VectorQuantizer
+from facegen_dist.models.vqvae import OneGridVQ
 
 
 def group_count(channels: int, most: int = 32) -> int:
@@ -204,14 +205,12 @@ class Decoder(_Blocks):
         return self.conv_out(swish(self.norm_out(h)))
 
 
-class VQGAN(nn.Module):
+class VQGAN(OneGridVQ):
     """Taming's VQ autoencoder with our quantizer: one code grid ("bottom") at 1/f of the image.
 
     `attn_resolutions` are feature-map sides (at the construction `resolution`) that get attention
     blocks; the middle blocks always have one. Same interface as `VQVAE`.
     """
-
-    levels = ("bottom",)
 
     def __init__(self, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), resolution: int = 256, embed_dim: int = 256,
@@ -240,28 +239,10 @@ class VQGAN(nn.Module):
         """The decoder's output conv weight: where the adaptive GAN weight compares gradient norms."""
         return self.decoder.conv_out.weight
 
-    def grid_shapes(self, resolution: int) -> dict[str, tuple[int, int]]:
-        side = resolution // self.downsample
-        return {"bottom": (side, side)}
-
-    def quantizers(self) -> dict[str, VectorQuantizer]:
-        return {"bottom": self.quantize}
-
     def encode_latents(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pre-quantisation latent per level, {level: [B, D, h, w]}: what the quantizer sees."""
         return {"bottom": self.quant_conv(self.encoder(images * 2 - 1))}
 
-    def encode(self, images: torch.Tensor):
-        """-> (quantized maps per level, code indices per level, quantizer loss, stats per level)."""
-        quantized, indices, loss, stats = self.quantize(self.encode_latents(images)["bottom"])
-        return {"bottom": quantized}, {"bottom": indices}, loss, {"bottom": stats}
-
     def decode(self, quantized: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quantized["bottom"])) * 0.5 + 0.5
 
-    def decode_codes(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.decode({"bottom": self.quantize.lookup(codes["bottom"])})
-
-    def forward(self, images: torch.Tensor):
-        quantized, indices, loss, stats = self.encode(images)
-        return self.decode(quantized), indices, loss, stats

@@ -81,19 +81,13 @@ def _quantizer(embed_dim: int, quant: dict) -> VectorQuantizer:
     return VectorQuantizer(dim=embed_dim, **quant)
 
 
-class VQVAE(nn.Module):
-    """One code grid at 1/`downsample` of the image."""
+class OneGridVQ(nn.Module):
+    """The interface of a VQ model with one code grid ("bottom"), which codes, priors, sampling and the latent
+    tools rely on. A subclass sets `downsample` and `quantize` and defines `encode_latents` and `decode`."""
 
     levels = ("bottom",)
-
-    def __init__(self, channels: int = 128, res_blocks: int = 2, res_channels: int = 32, embed_dim: int = 64,
-                 downsample: int = 4, quant: dict | None = None):
-        super().__init__()
-        self.downsample = downsample
-        self.encoder = Encoder(3, channels, res_blocks, res_channels, downsample)
-        self.to_embed = nn.Conv2d(channels, embed_dim, 1)
-        self.quantize = _quantizer(embed_dim, quant or {})
-        self.decoder = Decoder(embed_dim, 3, channels, res_blocks, res_channels, downsample)
+    downsample: int
+    quantize: VectorQuantizer
 
     def grid_shapes(self, resolution: int) -> dict[str, tuple[int, int]]:
         side = resolution // self.downsample
@@ -104,15 +98,15 @@ class VQVAE(nn.Module):
 
     def encode_latents(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pre-quantisation latent per level, {level: [B, D, h, w]}: what the quantizer sees."""
-        return {"bottom": self.to_embed(self.encoder(images * 2 - 1))}
+        raise NotImplementedError
+
+    def decode(self, quantized: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
 
     def encode(self, images: torch.Tensor):
         """-> (quantized maps per level, code indices per level, quantizer loss, stats per level)."""
         quantized, indices, loss, stats = self.quantize(self.encode_latents(images)["bottom"])
         return {"bottom": quantized}, {"bottom": indices}, loss, {"bottom": stats}
-
-    def decode(self, quantized: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.decoder(quantized["bottom"]) * 0.5 + 0.5
 
     def decode_codes(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.decode({"bottom": self.quantize.lookup(codes["bottom"])})
@@ -120,6 +114,25 @@ class VQVAE(nn.Module):
     def forward(self, images: torch.Tensor):
         quantized, indices, loss, stats = self.encode(images)
         return self.decode(quantized), indices, loss, stats
+
+
+class VQVAE(OneGridVQ):
+    """One code grid at 1/`downsample` of the image."""
+
+    def __init__(self, channels: int = 128, res_blocks: int = 2, res_channels: int = 32, embed_dim: int = 64,
+                 downsample: int = 4, quant: dict | None = None):
+        super().__init__()
+        self.downsample = downsample
+        self.encoder = Encoder(3, channels, res_blocks, res_channels, downsample)
+        self.to_embed = nn.Conv2d(channels, embed_dim, 1)
+        self.quantize = _quantizer(embed_dim, quant or {})
+        self.decoder = Decoder(embed_dim, 3, channels, res_blocks, res_channels, downsample)
+
+    def encode_latents(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"bottom": self.to_embed(self.encoder(images * 2 - 1))}
+
+    def decode(self, quantized: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.decoder(quantized["bottom"]) * 0.5 + 0.5
 
 
 class VQVAE2(nn.Module):
