@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture
+def one_intra_op_thread():
+    """Tiny tensors: on a shared CPU a second intra-op thread makes them 10-100x slower, not faster. Restored after the test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """380 avatars at 32 px: 342 train samples in 7 shards (an odd count, the last one short), 38 val."""

@@ -7,13 +7,7 @@ from facegen_dist.models.gpt import CodeGPT, flatten_codes
 from facegen_dist.models.pixelcnn import top_p_filter
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: on a shared CPU a second intra-op thread slows them down. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _model(seed=0, dtype=torch.float32, **kwargs) -> CodeGPT:

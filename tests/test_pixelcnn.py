@@ -6,16 +6,7 @@ import torch
 from facegen_dist.models.pixelcnn import GatedPixelCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These tensors are tiny: on a shared CPU, a second intra-op thread makes them 10-100x slower, not faster.
-
-    Scoped to each test of this file; the previous setting is restored.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _model(seed=0, dtype=torch.float64, **kwargs) -> GatedPixelCNN:

@@ -9,9 +9,7 @@ bad input stops all ranks with the same one-line error instead of leaving some w
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +21,7 @@ from facegen_dist.analysis.latent import StudyOptions, choose_attribute_value, e
 from facegen_dist.data.pipeline import count_split_images, read_images
 from facegen_dist.data.codes import image_dir
 from facegen_dist.data.resolve import resolve_data_dir
-from facegen_dist.data.shards import MANIFEST_NAME, read_manifest, split_shards
+from facegen_dist.data.shards import MANIFEST_NAME, read_manifest, split_shards, write_json_atomic
 from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.eval.reference import file_digest
 from facegen_dist.train.restore import RestoredRun, restore_run
@@ -137,7 +135,7 @@ def latent_main(argv: list[str]) -> int:
             out_dir = Path(args.out)
             figures = save_figures(studies, out_dir)
             protocol = {"split": SPLIT, "num_requested": args.num, "batch_size": args.batch_size, "facegen_version": __version__, **asdict(options)}
-            _write_json(out_dir / "latent.json", {"protocol": protocol, "runs": records})
+            write_json_atomic(out_dir / "latent.json", {"protocol": protocol, "runs": records}, indent=1, sort_keys=False)
             for record in records:
                 print(_summary(record))
             notes = {record["latent_map"]["tsne"].get("skipped") for record in records} - {None}
@@ -147,9 +145,3 @@ def latent_main(argv: list[str]) -> int:
     finally:
         accelerator.end_training()
     return 0
-
-
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -31,8 +31,9 @@ def _options(args, split: str = "seeded", background: str = "white"):
 
 
 def _report(out: str, manifest: dict) -> None:
-    splits = ", ".join(f"{name} {info['num_samples']} in {len(info['shards'])} shards" for name, info in manifest["splits"].items())
-    print(f"wrote {out}: {splits} ({manifest['image_size']} px {manifest['image_format']})")
+    from facegen_dist.data.shards import splits_summary
+
+    print(f"wrote {out}: {splits_summary(manifest)} ({manifest['image_size']} px {manifest['image_format']})")
     if manifest.get("num_skipped"):
         for record in manifest["skipped"][:10]:
             print(f"facegen: skipped {record['file']}: {record['reason']}", file=sys.stderr)

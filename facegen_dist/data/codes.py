@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from facegen_dist.data.pipeline import decode_image
-from facegen_dist.data.shards import ShardWriter, file_sha256, iter_shard_samples, image_extension, read_manifest, write_manifest
+from facegen_dist.data.shards import ShardWriter, file_sha256, iter_shard_samples, image_extension, read_manifest, splits_summary, write_manifest
 from facegen_dist.errors import DataError
 from facegen_dist.methods.base import VQ_METHODS
 
@@ -165,8 +165,7 @@ def codes_main(argv: list[str]) -> int:
         images = image_dir(resolve_data_dir(restored.cfg.data, accelerator))
         manifest = extract_codes(accelerator, restored, args.out, args.batch_size, images)
         if accelerator.is_main_process:
-            splits = ", ".join(f"{name} {info['num_samples']} in {len(info['shards'])} shards" for name, info in manifest["splits"].items())
-            print(f"wrote {args.out}: {splits} ({restored.cfg.run.name} @ {restored.checkpoint.name}, grids {manifest['levels']})")
+            print(f"wrote {args.out}: {splits_summary(manifest)} ({restored.cfg.run.name} @ {restored.checkpoint.name}, grids {manifest['levels']})")
             if manifest["skipped_unreadable"]:
                 print(f"facegen: warning: {manifest['skipped_unreadable']} unreadable image(s) skipped; `facegen data verify` the image shards", file=sys.stderr)
     finally:

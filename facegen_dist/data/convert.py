@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from facegen_dist import __version__
 from facegen_dist.data.make_avatars import split_counts
-from facegen_dist.data.shards import JOURNAL_NAME, MANIFEST_NAME, file_sha256, read_manifest, tar_member, verify_shards, write_manifest
+from facegen_dist.data.shards import JOURNAL_NAME, MANIFEST_NAME, file_sha256, read_manifest, tar_member, verify_shards, write_json_atomic, write_manifest
 from facegen_dist.data.sources import Source, SourceItem
 from facegen_dist.errors import DataError
 
@@ -200,12 +200,6 @@ def _fingerprint(source: Source) -> dict:
     return {"name": source.name, "path": source.description["path"], "num_items": len(source.items), "items_sha256": keys}
 
 
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _load_journal(out_dir: Path, expected: dict) -> dict:
     """Journalled shards still intact on disk (a fresh journal when there is none)."""
     path = out_dir / JOURNAL_NAME
@@ -297,7 +291,7 @@ def convert(source: Source, out_dir: str | os.PathLike, options: ConvertOptions,
     plan = Plan.make(source.items, splits, journal["shard_size"])
     for leftover in out_dir.glob("*.tar.partial"):
         leftover.unlink()
-    _write_json(out_dir / JOURNAL_NAME, journal)
+    write_json_atomic(out_dir / JOURNAL_NAME, journal, indent=1)
 
     todo = [item for item in source.items if plan.shard_of[item.key] not in journal["done"]]
     sample_every = max(1, len(source.items) // SAMPLED_HASHES)
@@ -332,7 +326,7 @@ def _convert_items(source, todo, plan, journal, out_dir, options, sampled, worke
             shard.add(item, image, reason, sha, options.extension, item.key in sampled)
             if shard.seen == plan.shard_items[name]:
                 journal["done"][name] = open_shards.pop(name).finish()
-                _write_json(out_dir / JOURNAL_NAME, journal)
+                write_json_atomic(out_dir / JOURNAL_NAME, journal, indent=1)
     finally:
         for shard in open_shards.values():
             shard.tar.close()  # left as .partial: discarded by the rerun

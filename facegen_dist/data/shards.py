@@ -94,11 +94,21 @@ class ShardWriter:
             entry["sha256"] = file_sha256(path)
 
 
+def write_json_atomic(path: str | os.PathLike, record: dict, indent: int = 2, sort_keys: bool = True) -> None:
+    """Write JSON to a temporary file beside `path` and rename it into place: readers see the old or the new file, whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=indent, sort_keys=sort_keys) + "\n")
+    os.replace(tmp, path)
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
-    manifest = {"format": MANIFEST_FORMAT, **manifest}
-    tmp = Path(out_dir) / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, Path(out_dir) / MANIFEST_NAME)
+    write_json_atomic(Path(out_dir) / MANIFEST_NAME, {"format": MANIFEST_FORMAT, **manifest})
+
+
+def splits_summary(manifest: dict) -> str:
+    """`train 27 in 3 shards, val 3 in 1 shards`: what a command that wrote shards reports."""
+    return ", ".join(f"{name} {info['num_samples']} in {len(info['shards'])} shards" for name, info in manifest["splits"].items())
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict:

@@ -187,9 +187,8 @@ class VQGANMethod(VQVAEMethod):
     def _discriminator_loss(self, modules, images):
         cfg = self.cfg
         fake = next((fake for ref, fake in self._fakes if ref() is images), None)
-        if fake is None:  # (only if a method calls D's phase alone) reconstruct without touching the codebook
-            with torch.no_grad():
-                fake = _reconstruct_frozen(modules["vqvae"], images)
+        if fake is None:
+            raise RuntimeError("vqgan: the discriminator phase ran on a batch the generator phase of this step did not see")
         logits = modules["discriminator"](torch.cat([images, fake.to(images.dtype)]))
         logits_real, logits_fake = logits.float().chunk(2)
         d_loss = discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
@@ -198,12 +197,3 @@ class VQGANMethod(VQVAEMethod):
 
     def sampling_protocol(self) -> dict:
         return {"samples": "none: train a gpt_prior on this run to sample"}
-
-
-def _reconstruct_frozen(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        return model(images)[0]
-    finally:
-        model.train(was_training)
