@@ -32,9 +32,13 @@ def train_main(argv: list[str]) -> int:
         from facegen_dist.config import load_config
         from facegen_dist.train import run
 
-        run(load_config(args.config, args.overrides))
+        result = run(load_config(args.config, args.overrides))
     except FacegenError as error:
         return _fail(str(error))
+    if result.get("preempted") and _is_main_rank():
+        from facegen_dist.dist.slurm import after_preemption
+
+        print(f"facegen: {after_preemption()}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -56,15 +60,17 @@ latent_main = _delegate("facegen_dist.analysis.cli", "latent_main")
 sample_main = _delegate("facegen_dist.eval.sampling", "sample_main")
 data_main = _delegate("facegen_dist.data.cli", "data_main")
 codes_main = _delegate("facegen_dist.data.codes", "codes_main")
+launch_main = _delegate("facegen_dist.dist.slurm", "launch_main")
+submit_main = _delegate("facegen_dist.dist.submit", "submit_main")
 
 
-COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main, "codes": codes_main}
+COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main, "codes": codes_main, "launch": launch_main, "submit": submit_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: facegen {train,data,codes,eval,sample,extractor,latent} ...\n  train  train a model (same as train.py)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors", file=sys.stderr)
+        print("usage: facegen {train,submit,launch,data,codes,eval,sample,extractor,latent} ...\n  train  train a model (same as train.py)\n  submit submit a training run to SLURM with submitit (or --local)\n  launch inside an sbatch script: srun facegen launch -- train ... (accelerate launch with SLURM's rendezvous)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors", file=sys.stderr)
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
     return COMMANDS[argv[0]](argv[1:])
 

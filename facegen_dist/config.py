@@ -169,6 +169,7 @@ def load_config(config_files: list[str] | None = None, overrides: list[str] | No
     merged.model = _validated_model_section(merged.model)
     # YAML 1.1 reads a bare `off` as false (and `on` as true); `log.wandb=off` must mean "off".
     merged.log.wandb = {"False": "off", "false": "off", "True": "online", "true": "online"}.get(merged.log.wandb, merged.log.wandb)
+    merged.train.precision = {"False": "no", "false": "no"}.get(merged.train.precision, merged.train.precision)  # `train.precision=no`
     _validate(merged)
     OmegaConf.set_readonly(merged, True)
     return merged

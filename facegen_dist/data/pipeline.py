@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -214,6 +215,17 @@ class ShardStream(IterableDataset):
             group_index, offset = group_index + 1, 0
 
 
+def _ignore_scheduler_signals(worker_id: int) -> None:
+    """Workers leave SLURM's SIGTERM/USR1/USR2 to the training process, which decides when to stop.
+
+    SLURM signals every process of a job; a worker dying of it would make the DataLoader raise in the
+    middle of the step the training process is finishing for its preemption checkpoint. A worker
+    whose parent dies still exits (PyTorch's watchdog), and SIGKILL still ends everything.
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_train_loader(spec: StreamSpec, pin_memory: bool = False) -> DataLoader:
     workers = spec.num_workers
     return DataLoader(
@@ -223,6 +235,7 @@ def make_train_loader(spec: StreamSpec, pin_memory: bool = False) -> DataLoader:
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_scheduler_signals,
     )
 
 

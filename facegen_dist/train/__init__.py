@@ -1,7 +1,7 @@
-"""Training: the loop, checkpoints, schedules."""
+"""Training: the loop, checkpoints, schedules, preemption."""
 
 
-def run(cfg):
+def run(cfg, preemption=None):
     from facegen_dist.train.loop import run as _run
 
-    return _run(cfg)
+    return _run(cfg, preemption)

@@ -39,6 +39,7 @@ from facegen_dist.log.logger import NullLogger, RunLogger, truncate_metrics
 from facegen_dist.log.stats import StatsCollector
 from facegen_dist.methods import build_method
 from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from facegen_dist.train.preemption import PreemptionWatcher
 from facegen_dist.train.schedule import lr_factor
 
 
@@ -83,8 +84,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, preemption: PreemptionWatcher | None = None):
         self.cfg = cfg
+        self.preemption = preemption or PreemptionWatcher()
         self.accelerator = Accelerator(
             mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
             # Long: the first process of a node may render the embedded set while others wait.
@@ -185,7 +187,8 @@ class Trainer:
         )
         self.state.wandb_run_id = logger.wandb_run_id
         if self.resumed_from is not None:
-            logger.write(f"facegen: resumed from {self.resumed_from} at {self.state.images_seen} images (step {self.state.step})")
+            restarts = f" (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']})" if "SLURM_RESTART_COUNT" in os.environ else ""
+            logger.write(f"facegen: resumed from {self.resumed_from} at {self.state.images_seen} images (step {self.state.step}){restarts}")
             for note in self._resume_notes:
                 logger.write(f"facegen: note: {note}")
         return logger
@@ -249,7 +252,7 @@ class Trainer:
 
     def _train_step(self, data_iter) -> float:
         """One optimizer step of every phase; returns seconds spent waiting for data."""
-        acc, cfg = self.accelerator, self.cfg
+        cfg = self.cfg
         wait_start = time.perf_counter()
         batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
         data_wait = time.perf_counter() - wait_start
@@ -335,10 +338,21 @@ class Trainer:
             module.train()
         return {f"eval/{name}": value for name, value in record["metrics"].items()}
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> Path:
         self.state.train_seconds += time.perf_counter() - self._segment_start
         self._segment_start = time.perf_counter()
-        save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules)
+        return save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules)
+
+    def _stop_for_preemption(self, checkpoint: Path | None) -> dict:
+        """Every rank is here at the same step: checkpoint (unless this step already wrote one) and stop."""
+        checkpoint = checkpoint or self._checkpoint()
+        state, signal_name = self.state, self.preemption.signal_name or "a preemption signal"
+        self.logger.write(
+            f"facegen: {signal_name} received: stopped after step {state.step} at {state.images_seen} of {self.total_steps * self.images_per_step} images; "
+            f"checkpoint {checkpoint}; the same command resumes from it"
+        )
+        self.logger.close()
+        return {"preempted": True, "images_seen": state.images_seen, "step": state.step, "checkpoint": str(checkpoint)}
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -374,8 +388,9 @@ class Trainer:
                 interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
             if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
                 self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
-            if _crossed(seen, per_step, cfg.train.ckpt_every_images) or final:
-                self._checkpoint()
+            checkpoint = self._checkpoint() if _crossed(seen, per_step, cfg.train.ckpt_every_images) or final else None
+            if not final and self.preemption.agreed(acc):
+                return self._stop_for_preemption(checkpoint)
         return self._finish(last_row, val_images)
 
     def _finish(self, last_row: dict, val_images) -> dict:
@@ -407,9 +422,11 @@ class Trainer:
         return summary
 
 
-def run(cfg) -> dict:
+def run(cfg, preemption: PreemptionWatcher | None = None) -> dict:
+    """Train to cfg.train.total_images, or until a preemption signal: then the result has preempted=True."""
+    preemption = preemption or PreemptionWatcher()  # first, so a signal during start-up is not lost
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, preemption)
     except BaseException:
         # A start-up error (bad data, config, weights) raised on every rank: leave the process group
         # cleanly, or each rank aborts at exit and buries the one-line error under gloo's noise.

@@ -1,0 +1,185 @@
+"""`facegen submit`: one command from a config to a running SLURM job (submitit), or --local.
+
+submitit starts one task per GPU on every node; each task turns its JobEnvironment into the
+variables Accelerate reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and runs the same
+training loop as `accelerate launch train.py` (DINOv2's run/submit.py does the same).
+
+Preemption: submitit sends SIGUSR2 (`--signal=USR2@delay`) and its handler would requeue at once,
+from inside whatever the training was doing. The run replaces that handler while it trains
+(train/preemption.py): all ranks finish the step and write a checkpoint; then submitit's own
+handler runs, calls `TrainingJob.checkpoint()` and requeues. The requeued job starts the same
+TrainingJob, which resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+from facegen_dist.errors import FacegenError
+
+SIGNAL_LEAD_SECONDS = 120
+
+
+def parse_time_minutes(text: str) -> int:
+    """SLURM's time formats: MM, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise FacegenError(f"--time: '{text}' is not a SLURM time (e.g. 4:00:00, 90, 1-12:00:00)")
+    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if days is None and second is None:
+        return first  # minutes
+    if days is not None:
+        hours, minutes, seconds = first, second or 0, third or 0
+    elif third is None:
+        hours, minutes, seconds = 0, first, second  # MM:SS
+    else:
+        hours, minutes, seconds = first, second, third
+    return max(1, (days or 0) * 1440 + hours * 60 + minutes + (seconds + 59) // 60)
+
+
+def check_partition(partition: str) -> None:
+    try:
+        listed = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise FacegenError(f"cannot reach SLURM (sinfo: {error}); use --local to run here") from None
+    partitions = sorted(set(listed.stdout.split()))
+    if listed.returncode != 0:
+        raise FacegenError(f"sinfo failed: {listed.stderr.strip()}")
+    if partition and partition not in partitions:
+        raise FacegenError(f"--partition: unknown partition '{partition}'; this cluster has: {', '.join(partitions) or 'none'}")
+
+
+def _rendezvous_port(job_id: str) -> int:
+    return 20000 + zlib.crc32(job_id.encode()) % 20000
+
+
+class TrainingJob:
+    """What every task of the job runs. Picklable; requeued jobs run it again and resume."""
+
+    def __init__(self, config_files: list[str], overrides: list[str], workdir: str, cpu: bool, gpus_per_node: int):
+        self.config_files, self.overrides, self.workdir = config_files, overrides, workdir
+        self.cpu, self.gpus_per_node = cpu, gpus_per_node
+
+    def _distributed_env(self) -> None:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        hosts = job.hostnames
+        os.environ.update(
+            RANK=str(job.global_rank), LOCAL_RANK=str(job.local_rank), WORLD_SIZE=str(job.num_tasks),
+            LOCAL_WORLD_SIZE=str(job.num_tasks // max(1, job.num_nodes)),
+            MASTER_ADDR="127.0.0.1" if len(hosts) <= 1 else hosts[0],
+            MASTER_PORT=os.environ.get("FACEGEN_MAIN_PORT") or str(_rendezvous_port(job.raw_job_id)),
+        )
+        if self.cpu:
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        else:
+            import torch
+
+            if torch.cuda.device_count() < max(1, self.gpus_per_node):
+                raise FacegenError(f"node {job.hostname}: {self.gpus_per_node} GPU(s) per node asked for, {torch.cuda.device_count()} visible")
+
+    def __call__(self) -> dict:
+        from facegen_dist.config import load_config
+        from facegen_dist.train import run
+        from facegen_dist.train.preemption import PreemptionWatcher
+
+        os.chdir(self.workdir)
+        preemption = PreemptionWatcher()  # before anything slow: a signal during start-up is kept
+        self._distributed_env()
+        result = run(load_config(self.config_files, self.overrides), preemption)
+        if result.get("preempted"):
+            import signal
+
+            signum = preemption.received or signal.SIGUSR2
+            handler = preemption.previous_handler(signum)
+            preemption.restore()
+            if callable(handler):
+                handler(signum, None)  # submitit's: checkpoint() + requeue + exit on rank 0; returns on the others
+        return result
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this on preemption/timeout: requeue the same job (it resumes from the run's checkpoint)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.config_files, self.overrides, self.workdir, self.cpu, self.gpus_per_node))
+
+
+def submit_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="facegen submit", description="Submit a training run to SLURM with submitit (one task per GPU); preempted, it checkpoints, requeues and resumes.",
+        epilog="Example: facegen submit --config configs/vqgan_ffhq512.yaml --nodes 2 --gpus-per-node 4 --time 4:00:00 --partition gpu",
+    )
+    parser.add_argument("--config", action="append", default=[], required=True, help="YAML config (repeatable)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node = processes per node (default 1)")
+    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo); with --tasks-per-node")
+    parser.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (default: --gpus-per-node; with --cpu: 1)")
+    parser.add_argument("--cpus-per-task", type=int, default=8)
+    parser.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0: the cluster's default)")
+    parser.add_argument("--time", default="4:00:00", help="time limit of each job run (it requeues itself at the limit)")
+    parser.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
+    parser.add_argument("--account", default="")
+    parser.add_argument("--local", action="store_true", help="run here, through submitit's local executor (no SLURM)")
+    parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary (always with --local)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_images=1000000")
+    args = parser.parse_args(argv)
+
+    from facegen_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config stops here, before anything is submitted
+    if args.cpu and args.gpus_per_node:
+        raise FacegenError("--cpu and --gpus-per-node: choose one")
+    gpus = 0 if args.cpu else (1 if args.gpus_per_node is None else args.gpus_per_node)
+    tasks = args.tasks_per_node or gpus or 1
+    if not args.cpu and gpus < 1:
+        raise FacegenError("--gpus-per-node: must be >= 1 (or train on CPU with --cpu --tasks-per-node N)")
+    timeout_min = parse_time_minutes(args.time)
+    if not args.local:
+        check_partition(args.partition)
+    import submitit
+
+    folder = Path(cfg.run.dir) / cfg.run.name / "submitit"
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if args.local else "slurm")
+    params = dict(name=f"facegen-{cfg.run.name}", nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task, timeout_min=timeout_min)
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if args.mem_gb:
+        params["mem_gb"] = args.mem_gb
+    if not args.local:
+        params.update(slurm_signal_delay_s=SIGNAL_LEAD_SECONDS)
+        if args.partition:
+            params["slurm_partition"] = args.partition
+        if args.account:
+            params["slurm_account"] = args.account
+    elif args.nodes != 1:
+        raise FacegenError("--local runs on this machine: --nodes must be 1")
+    executor.update_parameters(**params)
+    configs = [str(Path(c).resolve()) for c in args.config]
+    try:
+        job = executor.submit(TrainingJob(configs, list(args.overrides), os.getcwd(), args.cpu, gpus))
+    except Exception as error:  # noqa: BLE001 — sbatch's refusal comes back as submitit's FailedJobError
+        message = str(error).strip().splitlines()
+        raise FacegenError(f"submission refused: {message[-1] if message else error}") from None
+    print(f"facegen submit: job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); logs {folder}/{job.job_id}_*_log.*", flush=True)
+    if not (args.local or args.wait):
+        print(f"facegen submit: watch it with `squeue -j {job.job_id}`; the run is {Path(cfg.run.dir) / cfg.run.name}")
+        return 0
+    try:
+        results = job.results()
+    except Exception as error:  # noqa: BLE001 — a failed task: submitit re-raises its error text
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise FacegenError(f"job {job.job_id} failed: {lines[-1] if lines else error} (logs: {folder}/{job.job_id}_*_log.err)") from None
+    summary = next((r for r in results if r), {})
+    print(f"facegen submit: job {job.job_id} done: {summary.get('images_seen', '?')} images, world size {summary.get('world_size', '?')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(submit_main(sys.argv[1:]))

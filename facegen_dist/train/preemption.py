@@ -1,0 +1,51 @@
+"""Stop at a step boundary when the scheduler says so, with every rank agreeing.
+
+SLURM sends SIGUSR1 (`#SBATCH --signal=USR1@lead`, or `scancel --signal=USR1`) before a time
+limit or a preemption; submitit's jobs get SIGUSR2 (its default). The handler only records the
+signal: a checkpoint needs every rank at the same step, so the loop asks `agreed()` after each
+step (one tiny all-reduce), and all ranks stop together. A second signal while the checkpoint is
+being written changes nothing. SIGTERM is left alone: SLURM sends it to kill, KillWait seconds
+before SIGKILL, usually too short for a checkpoint; the atomic checkpoints keep the last one safe.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+class PreemptionWatcher:
+    def __init__(self, signals: tuple[int, ...] = PREEMPT_SIGNALS):
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for signum in signals:
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank once any rank has received a signal."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (e.g. submitit's)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def previous_handler(self, signum: int):
+        return self.previous.get(signum)
