@@ -236,6 +236,9 @@ def make_train_loader(spec: StreamSpec, pin_memory: bool = False) -> DataLoader:
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_ignore_scheduler_signals,
+        # Its own generator: iter() draws a base seed, and from the global RNG that draw would shift
+        # the training noise of a resumed run (the checkpoint's RNG state already holds the first one).
+        generator=torch.Generator().manual_seed(spec.seed),
     )
 
 

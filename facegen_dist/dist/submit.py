@@ -14,10 +14,12 @@ TrainingJob, which resumes from the newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -53,6 +55,24 @@ def check_partition(partition: str) -> None:
         raise FacegenError(f"sinfo failed: {listed.stderr.strip()}")
     if partition and partition not in partitions:
         raise FacegenError(f"--partition: unknown partition '{partition}'; this cluster has: {', '.join(partitions) or 'none'}")
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 into a temporary file (children such as sbatch write there); its text lands in the yielded list."""
+    captured: list[str] = []
+    with tempfile.TemporaryFile("w+") as handle:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            handle.seek(0)
+            captured.append(handle.read())
 
 
 def _rendezvous_port(job_id: str) -> int:
@@ -162,11 +182,16 @@ def submit_main(argv: list[str]) -> int:
         raise FacegenError("--local runs on this machine: --nodes must be 1")
     executor.update_parameters(**params)
     configs = [str(Path(c).resolve()) for c in args.config]
-    try:
-        job = executor.submit(TrainingJob(configs, list(args.overrides), os.getcwd(), args.cpu, gpus))
-    except Exception as error:  # noqa: BLE001 — sbatch's refusal comes back as submitit's FailedJobError
-        message = str(error).strip().splitlines()
-        raise FacegenError(f"submission refused: {message[-1] if message else error}") from None
+    with _stderr_captured() as sbatch_stderr:  # sbatch writes its refusal to our stderr; it goes into our one line instead
+        try:
+            job = executor.submit(TrainingJob(configs, list(args.overrides), os.getcwd(), args.cpu, gpus))
+        except Exception as error:  # noqa: BLE001 — sbatch's refusal comes back as submitit's FailedJobError
+            error_text = error
+        else:
+            error_text = None
+    if error_text is not None:
+        lines = [line for line in ("".join(sbatch_stderr) + "\n" + str(error_text)).splitlines() if line.strip()]
+        raise FacegenError(f"submission refused: {lines[0] if lines else error_text}")
     print(f"facegen submit: job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); logs {folder}/{job.job_id}_*_log.*", flush=True)
     if not (args.local or args.wait):
         print(f"facegen submit: watch it with `squeue -j {job.job_id}`; the run is {Path(cfg.run.dir) / cfg.run.name}")

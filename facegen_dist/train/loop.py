@@ -439,4 +439,5 @@ def run(cfg, preemption: PreemptionWatcher | None = None) -> dict:
             return {}
         return trainer.fit()
     finally:
+        preemption.ignore_further()
         trainer.accelerator.end_training()

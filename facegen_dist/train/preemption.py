@@ -38,8 +38,21 @@ class PreemptionWatcher:
         """True on every rank once any rank has received a signal."""
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        # The largest signal number any rank got (0: none), so every rank also knows which one it was.
+        signums = accelerator.gather(torch.tensor([self.received or 0], device=accelerator.device))
+        received = int(signums.max().item())
+        if received and self.received is None:
+            self.received = received
+        return received > 0
+
+    def ignore_further(self) -> None:
+        """Once the run has stopped: more signals are ignored, also while the interpreter shuts down.
+
+        (At shutdown Python resets signals it handled to SIG_DFL, and SIGUSR1's default kills: a late
+        signal would turn a clean exit into a failed job. It leaves SIG_IGN alone.)
+        """
+        for signum in self.previous:
+            signal.signal(signum, signal.SIG_IGN)
 
     def restore(self) -> None:
         """Put back the handlers that were there before (e.g. submitit's)."""
