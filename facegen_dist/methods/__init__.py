@@ -2,6 +2,8 @@
 
 from facegen_dist.methods.autoencoder import AutoencoderMethod
 from facegen_dist.methods.base import Method, Phase
+from facegen_dist.methods.dcgan import DCGANMethod
+from facegen_dist.methods.introvae import IntroVAEMethod
 from facegen_dist.methods.prior import GPTPriorMethod, PixelCNNPriorMethod
 from facegen_dist.methods.vqgan import VQGANMethod
 from facegen_dist.methods.vqvae import VQVAEMethod
@@ -14,6 +16,8 @@ METHODS: dict[str, type[Method]] = {
     "vqgan": VQGANMethod,
     "pixelcnn_prior": PixelCNNPriorMethod,
     "gpt_prior": GPTPriorMethod,
+    "dcgan": DCGANMethod,
+    "introvae": IntroVAEMethod,
 }
 
 
