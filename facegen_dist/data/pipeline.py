@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -216,14 +217,21 @@ class ShardStream(IterableDataset):
 
 
 def _ignore_scheduler_signals(worker_id: int) -> None:
-    """Workers leave SLURM's SIGTERM/USR1/USR2 to the training process, which decides when to stop.
+    """Workers leave SLURM's signals to the training process, which decides when to stop.
 
-    SLURM signals every process of a job; a worker dying of it would make the DataLoader raise in the
-    middle of the step the training process is finishing for its preemption checkpoint. A worker
-    whose parent dies still exits (PyTorch's watchdog), and SIGKILL still ends everything.
+    SLURM signals every process of a job, and a worker dying of SIGUSR1/USR2 (or of the SIGTERM
+    submitit's preemption sends before its USR2) would make the DataLoader raise in the middle of
+    the step the training process finishes for its checkpoint. USR1/USR2 are ignored. SIGTERM is
+    ignored only while the loader runs: at shutdown the DataLoader sets its done event and then
+    terminates workers that are still there, and that SIGTERM must end them (or the training
+    process waits for them forever at exit).
     """
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    # torch calls worker_init_fn from _worker_loop, whose `done_event` is the loader's shutdown flag.
+    done_event = sys._getframe(1).f_locals.get("done_event")
+    if done_event is not None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if done_event.is_set() else None)
 
 
 def make_train_loader(spec: StreamSpec, pin_memory: bool = False) -> DataLoader:

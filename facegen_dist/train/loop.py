@@ -367,30 +367,37 @@ class Trainer:
             start_batch=state.batches_consumed, shuffle_group=cfg.data.shuffle_group, hflip=cfg.data.hflip, code_levels=self.code_levels,
         )
         data_iter = iter(make_train_loader(spec, pin_memory=acc.device.type == "cuda"))
-        for module in self.modules.values():
-            module.train()
-        last_row: dict = {}
-        interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
-        while state.step < self.total_steps:
-            interval_wait += self._train_step(data_iter)
-            interval_images += self.images_per_step
-            self.logger.advance(self.images_per_step)
-            seen, per_step = state.images_seen, self.images_per_step
-            final = state.step == self.total_steps
-            evaluated, eval_seconds = {}, 0.0
-            if cfg.eval.every_images and (_crossed(seen, per_step, cfg.eval.every_images) or final):
-                eval_start = time.perf_counter()
-                evaluated = self._evaluate()
-                eval_seconds = time.perf_counter() - eval_start
-            if _crossed(seen, per_step, cfg.train.log_every_images) or final or evaluated:
-                last_row = self._log(interval_images, time.perf_counter() - interval_start - eval_seconds, interval_wait, evaluated)
-                self.logger.advance(0, {k: f"{v:.4g}" for k, v in last_row.items() if k in ("loss", "mse", "kl", "img_per_s")})
-                interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
-            if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
-                self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
-            checkpoint = self._checkpoint() if _crossed(seen, per_step, cfg.train.ckpt_every_images) or final else None
-            if not final and self.preemption.agreed(acc):
-                return self._stop_for_preemption(checkpoint)
+        try:
+            for module in self.modules.values():
+                module.train()
+            last_row: dict = {}
+            interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
+            while state.step < self.total_steps:
+                interval_wait += self._train_step(data_iter)
+                interval_images += self.images_per_step
+                self.logger.advance(self.images_per_step)
+                seen, per_step = state.images_seen, self.images_per_step
+                final = state.step == self.total_steps
+                evaluated, eval_seconds = {}, 0.0
+                if cfg.eval.every_images and (_crossed(seen, per_step, cfg.eval.every_images) or final):
+                    eval_start = time.perf_counter()
+                    evaluated = self._evaluate()
+                    eval_seconds = time.perf_counter() - eval_start
+                if _crossed(seen, per_step, cfg.train.log_every_images) or final or evaluated:
+                    last_row = self._log(interval_images, time.perf_counter() - interval_start - eval_seconds, interval_wait, evaluated)
+                    self.logger.advance(0, {k: f"{v:.4g}" for k, v in last_row.items() if k in ("loss", "mse", "kl", "img_per_s")})
+                    interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
+                if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
+                    self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
+                checkpoint = self._checkpoint() if _crossed(seen, per_step, cfg.train.ckpt_every_images) or final else None
+                if not final and self.preemption.agreed(acc):
+                    return self._stop_for_preemption(checkpoint)
+        finally:
+            # Stop the data workers now, while the loader can still tell them to: at interpreter exit
+            # torch skips that and multiprocessing SIGTERMs them, which they ignore (pipeline.py).
+            shutdown = getattr(data_iter, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         return self._finish(last_row, val_images)
 
     def _finish(self, last_row: dict, val_images) -> dict:
