@@ -63,15 +63,16 @@ codes_main = _delegate("facegen_dist.data.codes", "codes_main")
 launch_main = _delegate("facegen_dist.dist.slurm", "launch_main")
 submit_main = _delegate("facegen_dist.dist.submit", "submit_main")
 report_main = _delegate("facegen_dist.analysis.report", "report_main")
+suite_main = _delegate("facegen_dist.analysis.suite", "suite_main")
 
 
-COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main, "codes": codes_main, "launch": launch_main, "submit": submit_main, "report": report_main}
+COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main, "codes": codes_main, "launch": launch_main, "submit": submit_main, "report": report_main, "suite": suite_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: facegen {train,submit,launch,data,codes,eval,sample,extractor,latent,report} ...\n  train  train a model (same as train.py)\n  submit submit a training run to SLURM with submitit (or --local)\n  launch inside an sbatch script: srun facegen launch -- train ... (accelerate launch with SLURM's rendezvous)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors\n  report compare runs: cost, quality, codebooks, grids and curves (Markdown + HTML)", file=sys.stderr)
+        print("usage: facegen {train,submit,launch,data,codes,eval,sample,extractor,latent,report,suite} ...\n  train  train a model (same as train.py)\n  submit submit a training run to SLURM with submitit (or --local)\n  launch inside an sbatch script: srun facegen launch -- train ... (accelerate launch with SLURM's rendezvous)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors\n  report compare runs: cost, quality, codebooks, grids and curves (Markdown + HTML)\n  suite  train + evaluate + report a suite of runs on one image budget", file=sys.stderr)
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
     return COMMANDS[argv[0]](argv[1:])
 

@@ -78,3 +78,34 @@ def test_report_of_two_real_runs(tmp_path, tiny_shards):
 
     bad = run_facegen(tmp_path, "report", "--runs", str(tmp_path / "nothing"), "--out", "x")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("facegen: error: --runs:")
+
+
+def test_suite_trains_evaluates_reports_and_a_rerun_redoes_nothing(tmp_path, tiny_shards):
+    from helpers import REPO, TINY_VQVAE2
+
+    tiny_vae = [o for o in TINY if not o.startswith("data.")]
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(json.dumps({
+        "name": "tiny_suite", "run_dir": str(tmp_path / "runs" / "suite"), "images": 160, "processes": 2,
+        "overrides": [f"data.path={tiny_shards}", "data.resolution=32", "data.num_workers=1", "train.sample_every_images=160"],
+        "runs": [
+            {"config": str(REPO / "configs" / "vae_avatars64.yaml"), "overrides": [*tiny_vae, "run.name=vae"], "eval": ["--metrics", "psnr,ssim"]},
+            {"config": str(REPO / "configs" / "vqvae2_avatars64.yaml"), "overrides": [o for o in TINY_VQVAE2 if o.startswith("model.")] + ["train.batch_size=8", "log.wandb=off"]},
+        ],
+    }))  # JSON is YAML
+    first = run_facegen(tmp_path, "suite", "--suite", str(suite))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    root = tmp_path / "runs" / "suite"
+    for name in ("vae", "vqvae2_avatars64"):
+        summary = json.loads((root / name / "summary.json").read_text())
+        assert summary["images_seen"] == 160 and summary["world_size"] == 2  # the one budget, on 2 processes
+    evals = sorted((root / "vae" / "eval").glob("*.json"))
+    assert len(evals) == 1 and "psnr" in json.loads(evals[0].read_text())["metrics"]
+    markdown = (root / "report" / "report.md").read_text()
+    assert "| vae |" in markdown and "| vqvae2_avatars64 |" in markdown and "No `facegen eval` result for: vqvae2_avatars64." in markdown
+
+    stamps = {p: p.stat().st_mtime_ns for p in [root / "vae" / "summary.json", evals[0]]}
+    again = run_facegen(tmp_path, "suite", "--suite", str(suite))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stderr and "evaluating" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(list((root / "vae" / "eval").glob("*.json"))) == 1

@@ -20,6 +20,7 @@ from facegen_dist.errors import FacegenError
 
 MISSING = "missing"
 CODEBOOK_KEYS = ("perplexity", "used_frac", "dead_codes")
+SAMPLE_METRIC_PREFIXES = ("fid", "fd_", "kid", "precision", "recall", "f_score", "isc", "is_")
 
 
 @dataclass
@@ -104,11 +105,14 @@ def quality_rows(run: RunFacts) -> list[dict[str, str]]:
     for record in run.evals:
         protocol = record["protocol"]
         seconds, generated = protocol.get("seconds"), protocol.get("num_generated")
+        if not any(name.startswith(SAMPLE_METRIC_PREFIXES) for name in record["metrics"]):
+            generated = None  # reconstruction metrics only: the record's num_generated is a setting, no sample was drawn
+        drawn = f"{generated} generated vs" if generated else "reconstructions of"
         rows.append({
             "run": run.name,
             "checkpoint": f"{protocol['model'].get('checkpoint', '?')}: {protocol['model'].get('images_seen')} images{', EMA' if protocol['model'].get('ema') else ''}",
             **{name: _fmt(value) for name, value in sorted(record["metrics"].items())},
-            "protocol": f"{generated} generated vs {protocol.get('num_reference')} {protocol.get('reference', {}).get('split', '?')} images, "
+            "protocol": f"{drawn} {protocol.get('num_reference')} {protocol.get('reference', {}).get('split', '?')} images, "
                         f"{protocol.get('extractor', {}).get('name', '?')} features, {protocol.get('resolution')} px, seed {protocol.get('seed')}",
             "eval s per generated image (whole eval: sampling, features, statistics)": _fmt(seconds / generated if seconds and generated else None),
         })
@@ -138,7 +142,7 @@ def _table_html(rows: list[dict[str, str]]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(row.get(c, MISSING))}</td>" for c in columns) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, path: Path, log_y: bool = False) -> bool:
@@ -230,8 +234,9 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
     body += [f"<figure><img src='{file}'><figcaption>{html.escape(run)}: {kind}</figcaption></figure>" for run, kind, file in grids]
     body.append("</div><h2>Curves</h2>")
     body += [f"<figure><img src='{file}'><figcaption>{html.escape(caption)}</figcaption></figure>" for caption, file in figures]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px}.grids{display:flex;flex-wrap:wrap;gap:12px}figure img{max-width:360px}")
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;white-space:nowrap}.scroll{overflow-x:auto}"
+             ".grids{display:flex;flex-wrap:wrap;gap:12px}figure img{max-width:360px}")
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>facegen report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return out / "report.md"
 
