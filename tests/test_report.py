@@ -89,7 +89,7 @@ def test_suite_trains_evaluates_reports_and_a_rerun_redoes_nothing(tmp_path, tin
         "name": "tiny_suite", "run_dir": str(tmp_path / "runs" / "suite"), "images": 160, "processes": 2,
         "overrides": [f"data.path={tiny_shards}", "data.resolution=32", "data.num_workers=1", "train.sample_every_images=160"],
         "runs": [
-            {"config": str(REPO / "configs" / "vae_avatars64.yaml"), "overrides": [*tiny_vae, "run.name=vae"], "eval": ["--metrics", "psnr,ssim"]},
+            {"config": str(REPO / "configs" / "vae_avatars64.yaml"), "overrides": [*tiny_vae, "run.name=vae"], "eval": ["--metrics", "psnr,ssim"], "sample": 16},
             {"config": str(REPO / "configs" / "vqvae2_avatars64.yaml"), "overrides": [o for o in TINY_VQVAE2 if o.startswith("model.")] + ["train.batch_size=8", "log.wandb=off"]},
         ],
     }))  # JSON is YAML
@@ -104,7 +104,12 @@ def test_suite_trains_evaluates_reports_and_a_rerun_redoes_nothing(tmp_path, tin
     markdown = (root / "report" / "report.md").read_text()
     assert "| vae |" in markdown and "| vqvae2_avatars64 |" in markdown and "No `facegen eval` result for: vqvae2_avatars64." in markdown
 
-    stamps = {p: p.stat().st_mtime_ns for p in [root / "vae" / "summary.json", evals[0]]}
+    assert (root / "vae" / "samples" / "suite_samples.json").is_file(), first.stdout[-2000:] + first.stderr[-3000:]
+    timed = json.loads((root / "vae" / "samples" / "suite_samples.json").read_text())
+    assert timed["num"] == 16 and f"| {_fmt(timed['seconds_per_image'])} (16 on 2x cpu:0) |" in markdown
+    assert markdown.count("| missing |") >= 1  # the VQ-VAE2 run draws no samples: its inference cell is missing
+
+    stamps = {p: p.stat().st_mtime_ns for p in [root / "vae" / "summary.json", evals[0], root / "vae" / "samples" / "suite_samples.json"]}
     again = run_facegen(tmp_path, "suite", "--suite", str(suite))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stderr and "evaluating" not in again.stdout

@@ -35,6 +35,7 @@ class RunFacts:
     evals: list[dict]  # final evaluations (facegen eval), newest last
     history: list[dict]  # every evaluation record, in-training ones included
     grids: dict[str, Path] = field(default_factory=dict)
+    sampling: dict | None = None  # the newest `facegen sample` record saved in the run's samples/ folder
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -70,8 +71,10 @@ def read_run(path: Path) -> RunFacts:
     evals = [json.loads(p.read_text()) for p in sorted((path / "eval").glob("*.json"))] if (path / "eval").is_dir() else []
     evals.sort(key=lambda record: record["protocol"]["model"].get("images_seen", 0))
     grids = {kind: path / "samples" / f"{kind}_final.png" for kind in ("samples", "reconstructions") if (path / "samples" / f"{kind}_final.png").is_file()}
+    sample_records = [json.loads(p.read_text()) for p in sorted((path / "samples").glob("*.json"))] if (path / "samples").is_dir() else []
+    sample_records = sorted((r for r in sample_records if "seconds_per_image" in r), key=lambda r: r.get("images_seen", 0))
     return RunFacts(path.name, path, cfg.model.name, cfg.data.resolution, _parameters(cfg), summary, _read_jsonl(path / "metrics.jsonl"),
-                    evals, _read_jsonl(path / "eval" / "history.jsonl"), grids)
+                    evals, _read_jsonl(path / "eval" / "history.jsonl"), grids, sample_records[-1] if sample_records else None)
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -96,6 +99,8 @@ def training_row(run: RunFacts) -> dict[str, str]:
         "train img/s": _fmt(summary.get("img_per_s_mean")),
         "wall h per 1M images": _fmt(seconds / images * 1e6 / 3600 if seconds and images else None),
         "peak memory GB (rank 0)": _fmt(max(peaks) if peaks else None),
+        "inference s/image (facegen sample; priors: sampling + decoding)": (
+            f"{_fmt(run.sampling['seconds_per_image'])} ({run.sampling['num']} on {run.sampling['processes']}x {run.sampling['device']})" if run.sampling else MISSING),
     }
 
 

@@ -1,6 +1,7 @@
 """`facegen suite --suite configs/suite_avatars.yaml`: train every model of a suite on one image budget, evaluate each, report.
 
-A suite file names the runs (a config, extra overrides, the `facegen eval` arguments), the image
+A suite file names the runs (a config, extra overrides, the `facegen eval` arguments, how many
+samples `facegen sample` should draw and time), the image
 budget every run gets (train.total_images) and the folder they go to. Each step is the command a
 user would type (`accelerate launch -m facegen_dist.cli train ...`, then `... eval ...`), run one
 after the other, so a suite stopped half-way continues where it was: a finished run is a no-op
@@ -86,6 +87,13 @@ def suite_main(argv: list[str]) -> int:
             eval_overrides = [o for o in overrides if not o.startswith(("train.", "run.", "model."))]
             if subprocess.call(_launch(processes, "eval", "--run", str(run_dir), *entry["eval"], *eval_overrides)) != 0:
                 print(f"facegen suite: {name}: evaluation failed; reported without it", file=sys.stderr, flush=True)
+        timed = run_dir / "samples" / "suite_samples.png"
+        if entry.get("sample") and not timed.with_suffix(".json").is_file():
+            print(f"facegen suite: {name}: timing {entry['sample']} samples", flush=True)
+            batch = max(1, min(16, int(entry["sample"]) // processes))  # every process needs at least one batch
+            sample = _launch(processes, "sample", "--run", str(run_dir), "--num", str(entry["sample"]), "--batch-size", str(batch), "--out", str(timed))
+            if subprocess.call(sample) != 0:
+                print(f"facegen suite: {name}: sampling failed; reported without it", file=sys.stderr, flush=True)
         print(f"facegen suite: {name}: done in {time.time() - started:.0f} s", flush=True)
         done.append(run_dir)
     if not done:
