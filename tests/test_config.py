@@ -62,7 +62,14 @@ def test_shipped_configs_load(tiny_shards):
     assert configs, "no configs shipped"
     from facegen_dist.methods import METHODS, build_method
 
-    for path in configs:
+    from facegen_dist.analysis.suite import load_suite
+
+    suites = [path for path in configs if path.name.startswith("suite_")]  # suites of runs (facegen suite), not run configs
+    assert suites
+    for path in suites:
+        suite = load_suite(str(path))  # its run configs exist; they are loaded below as configs/*.yaml
+        assert suite["images"] > 0 and all(str(entry["config"]).startswith("configs/") for entry in suite["runs"])
+    for path in [path for path in configs if path not in suites]:
         # VQ-GAN's LPIPS needs VGG16 weights this machine cannot download; loading them is tested in test_vqgan_models.py.
         perceptual = ["model.perceptual=tiny"] if "vqgan" in path.name and "prior" not in path.name else []
         cfg = load_config([str(path)], [f"data.path={tiny_shards}", *perceptual])
