@@ -20,8 +20,9 @@ import signal
 import shutil
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return out.split()
 
 
+def rendezvous_port(job_id: str) -> int:
+    """A port from the job id, so two jobs sharing a node do not collide (ids that are not numbers: hashed)."""
+    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return DEFAULT_PORT_BASE + number % 20000
+
+
 def rendezvous(env: dict | None = None) -> Rendezvous:
     """Where the processes of this job meet: the first node of the allocation, a port derived from the job id."""
     env = os.environ if env is None else env
@@ -57,7 +64,7 @@ def rendezvous(env: dict | None = None) -> Rendezvous:
     num_machines = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     hosts = expand_nodelist(env["SLURM_JOB_NODELIST"]) if "SLURM_JOB_NODELIST" in env else [socket.gethostname()]
     main_ip = env.get("FACEGEN_MAIN_ADDR") or hosts[0]
-    port = int(env.get("FACEGEN_MAIN_PORT") or DEFAULT_PORT_BASE + int(env["SLURM_JOB_ID"]) % 20000)
+    port = int(env.get("FACEGEN_MAIN_PORT") or rendezvous_port(env["SLURM_JOB_ID"]))
     return Rendezvous(num_machines, int(env.get("SLURM_NODEID", 0)), main_ip, port)
 
 

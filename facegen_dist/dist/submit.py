@@ -20,9 +20,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
+from facegen_dist.dist.slurm import rendezvous_port, visible_gpus
 from facegen_dist.errors import FacegenError
 
 SIGNAL_LEAD_SECONDS = 120
@@ -50,9 +50,9 @@ def check_partition(partition: str) -> None:
         listed = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as error:
         raise FacegenError(f"cannot reach SLURM (sinfo: {error}); use --local to run here") from None
-    partitions = sorted(set(listed.stdout.split()))
     if listed.returncode != 0:
         raise FacegenError(f"sinfo failed: {listed.stderr.strip()}")
+    partitions = sorted(set(listed.stdout.split()))
     if partition and partition not in partitions:
         raise FacegenError(f"--partition: unknown partition '{partition}'; this cluster has: {', '.join(partitions) or 'none'}")
 
@@ -75,10 +75,6 @@ def _stderr_captured():
             captured.append(handle.read())
 
 
-def _rendezvous_port(job_id: str) -> int:
-    return 20000 + zlib.crc32(job_id.encode()) % 20000
-
-
 class TrainingJob:
     """What every task of the job runs. Picklable; requeued jobs run it again and resume."""
 
@@ -95,15 +91,13 @@ class TrainingJob:
             RANK=str(job.global_rank), LOCAL_RANK=str(job.local_rank), WORLD_SIZE=str(job.num_tasks),
             LOCAL_WORLD_SIZE=str(job.num_tasks // max(1, job.num_nodes)),
             MASTER_ADDR="127.0.0.1" if len(hosts) <= 1 else hosts[0],
-            MASTER_PORT=os.environ.get("FACEGEN_MAIN_PORT") or str(_rendezvous_port(job.raw_job_id)),
+            MASTER_PORT=os.environ.get("FACEGEN_MAIN_PORT") or str(rendezvous_port(job.raw_job_id)),
         )
         if self.cpu:
             os.environ["ACCELERATE_USE_CPU"] = "true"
         else:
-            import torch
-
-            if torch.cuda.device_count() < max(1, self.gpus_per_node):
-                raise FacegenError(f"node {job.hostname}: {self.gpus_per_node} GPU(s) per node asked for, {torch.cuda.device_count()} visible")
+            if visible_gpus() < max(1, self.gpus_per_node):
+                raise FacegenError(f"node {job.hostname}: {self.gpus_per_node} GPU(s) per node asked for, {visible_gpus()} visible")
 
     def __call__(self) -> dict:
         from facegen_dist.config import load_config

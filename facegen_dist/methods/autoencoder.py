@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facegen_dist.methods.base import Method, Phase
+from facegen_dist.methods.base import Method, Phase, normal_latents
 from facegen_dist.models.autoencoder import ConvAutoencoder, gaussian_kl
 
 
@@ -62,7 +62,7 @@ class AutoencoderMethod(Method):
     def sample(self, modules, num, generator):
         model = modules["autoencoder"]
         device = next(model.parameters()).device
-        latents = torch.randn(num, model.latent_dim, generator=generator, device="cpu").to(device)
+        latents = normal_latents(num, model.latent_dim, generator, device)
         return model.decode(latents)
 
     def latent_model(self, modules):

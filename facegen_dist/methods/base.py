@@ -26,6 +26,11 @@ def plain_module(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
+def normal_latents(num: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """z ~ N(0, I) drawn on the CPU from `generator`, so a seed gives the same samples on any device."""
+    return torch.randn(num, dim, generator=generator, device="cpu").to(device)
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str

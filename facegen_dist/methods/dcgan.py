@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods.base import Method, Phase, plain_module
+from facegen_dist.methods.base import Method, Phase, normal_latents, plain_module
 from facegen_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from facegen_dist.models.gan_losses import discriminator_loss, generator_adversarial_loss
 
@@ -87,4 +87,4 @@ class DCGANMethod(Method):
     def sample(self, modules, num, generator):
         model = modules["generator"]
         device = next(model.parameters()).device
-        return model(torch.randn(num, model.latent_dim, generator=generator, device="cpu").to(device))
+        return model(normal_latents(num, model.latent_dim, generator, device))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods.base import Method, Phase, plain_module
+from facegen_dist.methods.base import Method, Phase, normal_latents, plain_module
 from facegen_dist.models.autoencoder import gaussian_kl
 from facegen_dist.models.introvae import IntroDecoder, IntroEncoder, IntroVAEPair
 
@@ -82,6 +82,13 @@ def decoder_loss(rec: tuple, fake: tuple, l_ae: torch.Tensor, alpha: float, beta
     return loss, stats
 
 
+def _score_pair(encoder: nn.Module, reconstruction: torch.Tensor, fake: torch.Tensor) -> tuple[tuple, tuple]:
+    """(mean, logvar) of Xr and of Xp, from one encoder forward of the concatenated batch."""
+    mean, logvar = encoder(torch.cat([reconstruction, fake]))
+    size = len(reconstruction)
+    return (mean[:size], logvar[:size]), (mean[size:], logvar[size:])
+
+
 class IntroVAEMethod(Method):
     config_class = IntroVAEConfig
 
@@ -125,8 +132,7 @@ class IntroVAEMethod(Method):
             reconstruction, fake = decoder(latents), decoder(prior)
             rec = fake_stats = None
             if adversarial:
-                mean_both, logvar_both = encoder(torch.cat([reconstruction.detach(), fake.detach()]))
-                rec, fake_stats = (mean_both[: len(images)], logvar_both[: len(images)]), (mean_both[len(images):], logvar_both[len(images):])
+                rec, fake_stats = _score_pair(encoder, reconstruction.detach(), fake.detach())
             loss, stats = encoder_loss((mean, logvar), rec, fake_stats, reconstruction_error(reconstruction, images), cfg.alpha, cfg.beta, cfg.margin, adversarial)
             stats["mse"] = F.mse_loss(reconstruction.detach().float(), images.float())
             return loss, {**stats, "loss": loss.detach()}
@@ -137,8 +143,7 @@ class IntroVAEMethod(Method):
         reconstruction, fake = decoder(cached[0]), decoder(cached[1])
         rec = fake_stats = None
         if adversarial:
-            mean_both, logvar_both = encoder(torch.cat([reconstruction, fake]))
-            rec, fake_stats = (mean_both[: len(images)], logvar_both[: len(images)]), (mean_both[len(images):], logvar_both[len(images):])
+            rec, fake_stats = _score_pair(encoder, reconstruction, fake)
         loss, stats = decoder_loss(rec, fake_stats, reconstruction_error(reconstruction, images), cfg.alpha, cfg.beta, adversarial)
         return loss, {**stats, "loss": loss.detach()}
 
@@ -154,7 +159,7 @@ class IntroVAEMethod(Method):
     def sample(self, modules, num, generator):
         model = modules["decoder"]
         device = next(model.parameters()).device
-        return model(torch.randn(num, model.latent_dim, generator=generator, device="cpu").to(device))
+        return model(normal_latents(num, model.latent_dim, generator, device))
 
     def latent_model(self, modules):
         return IntroVAEPair(modules["encoder"], modules["decoder"])
