@@ -2,6 +2,7 @@
 
 `accelerator.save_state` writes modules, optimizers, grad scaler, registered objects (EMA)
 and each rank's RNG states, and works for DDP and DeepSpeed alike, but it is not atomic.
+Under DeepSpeed we add model*.safetensors (full weights) beside the engine's own files.
 So it writes `.tmp-ckpt-N/`; when every rank is done, rank 0 adds `trainer_state.json`
 (images seen, data position, counters) and renames the folder to `ckpt-N/`. Only folders
 named `ckpt-*` with a trainer_state.json count: a crash at any moment leaves the previous
@@ -16,8 +17,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from facegen_dist.errors import FacegenError
+from facegen_dist.train.strategy import deepspeed_weights_for_inference
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "ckpt-"
@@ -74,8 +77,13 @@ def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, mod
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    full_weights = deepspeed_weights_for_inference(accelerator, modules)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # DeepSpeed's save_state writes its own engine files; add the model.safetensors files a DDP
+        # checkpoint has, so that sampling, evaluation and code extraction read every run alike.
+        for index, weights in enumerate(full_weights or []):
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"model{'' if index == 0 else f'_{index}'}.safetensors"))
         with open(tmp / STATE_FILE, "w") as handle:
             json.dump(trainer_state, handle, indent=2)
             handle.flush()

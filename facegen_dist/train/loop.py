@@ -15,11 +15,10 @@ import os
 import resource
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs, PartialState
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from ema_pytorch import EMA
 from omegaconf import OmegaConf
@@ -40,6 +39,7 @@ from facegen_dist.log.stats import StatsCollector
 from facegen_dist.methods import build_method
 from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
 from facegen_dist.train.preemption import PreemptionWatcher
+from facegen_dist.train import strategy
 from facegen_dist.train.schedule import lr_factor
 
 
@@ -87,12 +87,8 @@ class Trainer:
     def __init__(self, cfg, preemption: PreemptionWatcher | None = None):
         self.cfg = cfg
         self.preemption = preemption or PreemptionWatcher()
-        self.accelerator = Accelerator(
-            mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
-            # Long: the first process of a node may render the embedded set while others wait.
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))],
-        )
-        acc = self.accelerator
+        self.accelerator = acc = strategy.build_accelerator(cfg)
+        self.deepspeed = strategy.is_deepspeed(acc)
         _set_cpu_threads(cfg, acc)
         self.run_dir = Path(cfg.run.dir) / cfg.run.name
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -108,6 +104,8 @@ class Trainer:
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         self.method = build_method(cfg.model, cfg.data.resolution)
+        strategy.check_supported(acc, self.method, cfg.model.name)
+        strategy.configure_deepspeed(acc, cfg)
         if self.code_levels:
             self.method.check_code_dataset(manifest, cfg.data.path)
         modules = self.method.build_modules()
@@ -208,35 +206,42 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         phase_modules = [self.modules[name] for name in phase.modules]
         optimizer = self.optimizers[phase.name]
-        # A generator's loss back-propagates into the discriminator too: clear every module's
-        # gradients, so no phase ever steps on gradients another phase left behind.
-        for module in self.modules.values():
-            module.zero_grad(set_to_none=True)
+        if not self.deepspeed:  # DeepSpeed keeps (partitioned) gradients of its own and clears them after its step
+            # A generator's loss back-propagates into the discriminator too: clear every module's
+            # gradients, so no phase ever steps on gradients another phase left behind.
+            for module in self.modules.values():
+                module.zero_grad(set_to_none=True)
         step_stats = []
         for index, images in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with contextlib.ExitStack() as stack:
-                if not last:  # accumulate locally; all-reduce gradients once, on the last micro-batch
+                if self.deepspeed:  # the engine accumulates, divides by its accumulation count and steps at the boundary
+                    acc.sync_gradients = last
+                elif not last:  # accumulate locally; all-reduce gradients once, on the last micro-batch
                     for module in phase_modules:
                         stack.enter_context(acc.no_sync(module))
-                with acc.autocast():
+                with strategy.autocast(acc):
                     loss, stats = self.method.loss(phase.name, self.modules, images)
                 if self.state.step in cfg.debug.inject_nan_at_steps and acc.is_main_process:
                     loss = loss * float("nan")
-                acc.backward(loss / len(micro_batches))
+                acc.backward(loss if self.deepspeed else loss / len(micro_batches))
             step_stats.append(stats)
         params = [p for module in phase_modules for p in module.parameters()]
         # The norm of the all-reduced gradients is the same on every rank, so every rank takes
         # the same decision: a NaN/inf anywhere skips the step everywhere (no extra sync).
         clip = phase.grad_clip if phase.grad_clip is not None else cfg.train.grad_clip
         grad_norm = acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        finite = bool(torch.isfinite(grad_norm))
-        if acc.scaler is not None:
-            optimizer.step()  # the fp16 scaler skips non-finite steps itself and lowers its scale
-            finite = finite and not optimizer.step_was_skipped
-        elif finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if self.deepspeed:  # the engine has stepped already (skipping it itself on fp16 overflow); this is its norm
+            grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
+            finite = bool(torch.isfinite(grad_norm)) and not optimizer.step_was_skipped
+        else:
+            finite = bool(torch.isfinite(grad_norm))
+            if acc.scaler is not None:
+                optimizer.step()  # the fp16 scaler skips non-finite steps itself and lowers its scale
+                finite = finite and not optimizer.step_was_skipped
+            elif finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if finite:
             for stats in step_stats:
                 self.stats.add_dict(stats, prefix=f"{phase.name}/" if len(self.phases) > 1 else "")
@@ -309,7 +314,7 @@ class Trainer:
         modules = self.eval_modules()
         images = val_images.to(self.accelerator.device).float().div(255.0)
         written = {}
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), strategy.autocast(self.accelerator):
             reconstruction = self.method.reconstruct(modules, images)
             samples = self.method.sample(modules, images.shape[0], torch.Generator().manual_seed(self.cfg.run.seed))
         per_row = max(1, int(math.sqrt(images.shape[0])))
