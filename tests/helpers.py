@@ -39,34 +39,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env() -> dict:
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+
+
+def _env(use_cpu: bool = True) -> dict:
     env = dict(os.environ)
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    else:  # DeepSpeed: accelerate drops it silently under ACCELERATE_USE_CPU; with no GPU it picks its CPU accelerator
+        env.pop("ACCELERATE_USE_CPU", None)
     env.pop("WANDB_API_KEY", None)
     # tests/plugins holds the tiny feature extractor that eval tests register through eval.plugins
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests" / "plugins"), env.get("PYTHONPATH")]))
     return env
 
 
-def accelerate_command(num_processes: int, *args: str, script: list[str] | None = None, mixed_precision: str = "no") -> list[str]:
+def accelerate_command(num_processes: int, *args: str, script: list[str] | None = None, mixed_precision: str = "no",
+                       strategy: str | None = None) -> list[str]:
     """`accelerate launch` as a user types it: two real CPU processes need --multi_gpu + ACCELERATE_USE_CPU.
 
     `script` defaults to train.py; ["-m", "facegen_dist.cli"] launches the facegen CLI instead.
+    `strategy` names a configs/accelerate/ file (ds_zero2, ...), passed as --config_file.
     """
     launcher = Path(sys.executable).with_name("accelerate")
-    command = [str(launcher), "launch", "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    command = [str(launcher), "launch"]
+    if strategy:
+        command += ["--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml")]
+    command += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     if num_processes > 1:
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
+        command += [] if strategy else ["--multi_gpu"]
+        command += ["--main_process_port", str(free_port())]
     return command + (script or [TRAIN_PY]) + list(args)
 
 
-def run_train(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 600, launcher: bool = False, mixed_precision: str = "no") -> subprocess.CompletedProcess:
-    """train.py in one plain process, or under `accelerate launch` (always when num_processes > 1)."""
-    if num_processes == 1 and not launcher:
+def run_train(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 600, launcher: bool = False, mixed_precision: str = "no",
+              strategy: str | None = None) -> subprocess.CompletedProcess:
+    """train.py in one plain process, or under `accelerate launch` (always when num_processes > 1 or a strategy is named)."""
+    if num_processes == 1 and not launcher and not strategy:
         command = [sys.executable, TRAIN_PY, *args]
     else:
-        command = accelerate_command(num_processes, *args, mixed_precision=mixed_precision)
-    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        command = accelerate_command(num_processes, *args, mixed_precision=mixed_precision, strategy=strategy)
+    return subprocess.run(command, cwd=cwd, env=_env(use_cpu=_use_cpu_flag(strategy)), capture_output=True, text=True, timeout=timeout)
+
+
+def _use_cpu_flag(strategy: str | None) -> bool:
+    """ACCELERATE_USE_CPU for plain DDP only: it silently turns a DeepSpeed or FSDP config into DDP on CPU."""
+    return strategy in (None, "ddp")
 
 
 def run_facegen(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -78,10 +97,10 @@ def run_facegen(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 60
     return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(cwd: Path, *args: str, num_processes: int = 2) -> subprocess.Popen:
+def start_train(cwd: Path, *args: str, num_processes: int = 2, strategy: str | None = None) -> subprocess.Popen:
     """Start a training launch in its own process group (so the test can kill -9 all of it)."""
     return subprocess.Popen(
-        accelerate_command(num_processes, *args), cwd=cwd, env=_env(), start_new_session=True,
+        accelerate_command(num_processes, *args, strategy=strategy), cwd=cwd, env=_env(use_cpu=_use_cpu_flag(strategy)), start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 

@@ -268,8 +268,9 @@ class Trainer:
         active = [phase for phase in self.phases if self.method.phase_active(phase.name, self.state.images_seen)]
         ok = all([self._run_phase(phase, micro_batches) for phase in active])
         if ok:
-            for ema in self.ema.values():
-                ema.update()
+            for name, ema in self.ema.items():
+                with strategy.full_parameters(self.accelerator, self.modules[name]):
+                    ema.update()
         else:
             self.state.skipped_steps += 1
             self.logger.write(f"facegen: warning: non-finite loss or gradient at step {self.state.step}; step skipped ({self.state.skipped_steps} so far)")
@@ -418,7 +419,8 @@ class Trainer:
                 "images_seen": self.state.images_seen,
                 "steps": self.state.step,
                 "world_size": acc.num_processes,
-                "mixed_precision": acc.mixed_precision,
+                "strategy": strategy.strategy_name(acc),
+                "mixed_precision": strategy.mixed_precision(acc),
                 "train_seconds": self.state.train_seconds,
                 "img_per_s_mean": self.state.images_seen / max(self.state.train_seconds, 1e-9),
                 "skipped_steps": self.state.skipped_steps,

@@ -14,13 +14,17 @@ differences, so the loop stays one loop:
   line: accelerate's multi-plugin DeepSpeed is marked experimental, and these models are small
   enough (≤ ~100 M parameters) that optimizer-state sharding saves little next to activation
   memory; they run under DDP (+ activation checkpointing, bf16) or FSDP instead.
-- Under DeepSpeed mixed precision the module itself is cast to bf16/fp16 and accelerate's
-  autocast is off; we autocast ourselves so fp32 inputs and fp32-only ops (norms, quantizer
-  distances) still work.
+- Mixed precision under DeepSpeed: accelerate turns on DeepSpeed's "bf16" mode, which casts the
+  parameters (not the buffers) to bf16 and leaves autocast off. BatchNorm then meets bf16
+  weights and fp32 running statistics (an error on CPU), and EMA copies, quantizer codebooks and
+  checkpoints would see bf16 weights. We switch to DeepSpeed's "torch_autocast" mode instead:
+  fp32 parameters and optimizer states, bf16 compute under torch.autocast, the same numerics as
+  our DDP bf16 runs. The loss outside the engine is autocast by us, as accelerate does for DDP.
 """
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 import torch
@@ -55,10 +59,18 @@ def build_accelerator(cfg) -> Accelerator:
     kwargs = {"timeout": timedelta(minutes=60)}  # long: the first process of a node may render the embedded set while others wait
     if not torch.cuda.is_available():
         kwargs["backend"] = "gloo"  # DeepSpeed's CPU accelerator would ask for oneCCL otherwise
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        # Seen with configs/accelerate/fsdp.yaml on a machine without a GPU: the processes start but
+        # nothing is wrapped, and each would train its own model on its share of the data.
+        raise ConfigError(
+            f"accelerate started {accelerator.num_processes} processes but set up no distributed strategy "
+            f"(accelerate's FSDP needs GPUs): use configs/accelerate/ddp.yaml or a ds_zero*.yaml config here"
+        )
+    return accelerator
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
@@ -88,12 +100,7 @@ def check_supported(accelerator: Accelerator, method, model_name: str) -> None:
     if len(phases) > 1 or len(phases[0].modules) > 1:
         raise ConfigError(
             f"model.name={model_name}: {len(phases)} optimizers ({', '.join(p.name for p in phases)}); DeepSpeed through accelerate "
-            f"runs one model with one optimizer: use configs/accelerate/ddp.yaml or fsdp.yaml for this method (README: strategy table)"
-        )
-    if zero_stage(accelerator) == 3 and method.ema_modules():
-        raise ConfigError(
-            f"model.name={model_name}: ZeRO-3 partitions the parameters, and this method keeps an EMA copy of them; "
-            f"use ds_zero2.yaml (or train.ema_beta with ZeRO-1/2)"
+            f"runs one model with one optimizer: use configs/accelerate/ddp.yaml for this method (README: strategy table)"
         )
 
 
@@ -106,15 +113,39 @@ def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
     ds_config["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds_config["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     ds_config["gradient_clipping"] = float(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else 0.0
+    low_precision = next((dtype for dtype in ("bf16", "fp16") if str(ds_config.get(dtype, {}).get("enabled", False)).lower() == "true"), None)
+    if low_precision:  # see the module docstring
+        ds_config[low_precision] = {"enabled": False}
+        ds_config["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[low_precision]}
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:  # checkpoints carry whole weights for sampling (checkpoint.py)
+        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     ds_config.setdefault("steps_per_print", 10**9)  # our logger reports; DeepSpeed's own lines would interleave
     ds_config.setdefault("wall_clock_breakdown", False)
 
 
+def full_parameters(accelerator: Accelerator, module: torch.nn.Module):
+    """Context in which `module`'s parameters are whole on every rank: ZeRO-3 gathers its partitions
+    (for the EMA update and the rank checksums); a no-op everywhere else."""
+    if zero_stage(accelerator) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def mixed_precision(accelerator: Accelerator) -> str:
+    """no / bf16 / fp16 as this run computes (accelerate reports "no" under DeepSpeed's torch_autocast mode)."""
+    if is_deepspeed(accelerator):
+        autocast_cfg = accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast", {})
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(autocast_cfg.get("dtype"), "no") if autocast_cfg.get("enabled") else "no"
+    return accelerator.mixed_precision
+
+
 def autocast(accelerator: Accelerator):
-    """The forward pass's autocast: accelerate's, or under DeepSpeed mixed precision our own (see module docstring)."""
-    if is_deepspeed(accelerator) and accelerator.mixed_precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
-        return torch.autocast(device_type=accelerator.device.type, dtype=dtype)
+    """The forward pass's autocast: accelerate's, or under DeepSpeed our own (see module docstring)."""
+    precision = mixed_precision(accelerator)
+    if is_deepspeed(accelerator) and precision != "no":
+        return torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return accelerator.autocast()
 
 
