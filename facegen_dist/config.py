@@ -53,6 +53,9 @@ class TrainConfig:
     precision: str = "auto"
     grad_clip: float = 1.0  # 0 disables clipping (the grad norm is still computed and checked)
     ema_beta: float = 0.999
+    # Recompute the method's residual/attention/transformer blocks in backward instead of keeping
+    # their activations (train/activation_checkpointing.py): less memory, ~1 more forward per step.
+    activation_checkpointing: bool = False
     log_every_images: int = 3200
     sample_every_images: int = 16_000
     ckpt_every_images: int = 16_000

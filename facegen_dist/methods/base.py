@@ -64,6 +64,11 @@ class Method:
         """Whether `phase` runs this step (a discriminator waits for its start); the same answer on every rank."""
         return True
 
+    def checkpoint_blocks(self) -> tuple[type[nn.Module], ...]:
+        """Block types that train.activation_checkpointing recomputes in backward. None with BatchNorm
+        inside: the recompute would update its running statistics a second time."""
+        return ()
+
     def ema_modules(self) -> tuple[str, ...]:
         """Modules that get an exponential moving average (used for grids and evaluation)."""
         return ()

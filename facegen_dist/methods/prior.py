@@ -27,8 +27,8 @@ from torch import nn
 
 from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.methods.base import VQ_METHODS, Method, Phase
-from facegen_dist.models.gpt import CodeGPT, flatten_codes
-from facegen_dist.models.pixelcnn import GatedPixelCNN
+from facegen_dist.models.gpt import Block, CodeGPT, flatten_codes
+from facegen_dist.models.pixelcnn import GatedLayer, GatedPixelCNN
 
 
 @dataclass
@@ -155,6 +155,9 @@ class CodePriorMethod(Method):
 class PixelCNNPriorMethod(CodePriorMethod):
     config_class = PixelCNNPriorConfig
 
+    def checkpoint_blocks(self) -> tuple[type[nn.Module], ...]:
+        return (GatedLayer,)
+
     def build_modules(self) -> dict[str, nn.Module]:
         cfg, modules = self.cfg, {}
         for level in self.levels:
@@ -199,6 +202,9 @@ class GPTPriorMethod(CodePriorMethod):
                               "(a vqvae or vqgan run); for vqvae2 use pixelcnn_prior")
         height, width = self.grids["bottom"]
         self.seq_len = height * width
+
+    def checkpoint_blocks(self) -> tuple[type[nn.Module], ...]:
+        return (Block,)
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.cfg

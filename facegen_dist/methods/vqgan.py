@@ -40,7 +40,7 @@ from facegen_dist.methods.base import Phase, plain_module
 from facegen_dist.methods.vqvae import VQVAEMethod
 from facegen_dist.models.discriminator import PatchDiscriminator
 from facegen_dist.models.gan_losses import adaptive_generator_weight, disc_factor, discriminator_loss, feature_matching_loss, generator_adversarial_loss
-from facegen_dist.models.vqgan import VQGAN
+from facegen_dist.models.vqgan import VQGAN, AttnBlock, ResnetBlock
 
 
 @dataclass
@@ -101,6 +101,9 @@ class VQGANMethod(VQVAEMethod):
     """The autoencoder is the module "vqvae" (so codes, priors, sampling and the latent tool read it as any VQ model)."""
 
     config_class = VQGANConfig
+
+    def checkpoint_blocks(self) -> tuple[type[nn.Module], ...]:
+        return (ResnetBlock, AttnBlock)  # the autoencoder's; the patch discriminator is small and keeps its activations
 
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)

@@ -16,7 +16,7 @@ from torch import nn
 
 from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import Method, Phase
-from facegen_dist.models.vqvae import VQVAE, VQVAE2
+from facegen_dist.models.vqvae import VQVAE, VQVAE2, ResBlock
 
 NO_GAUSSIAN_PRIOR = ("no N(0, I) prior: a VQ model samples from a PixelCNN prior over its codes; train a pixelcnn_prior "
                      "with model.vq_run=<this run> and sample with `facegen sample --run <that prior run>`")
@@ -89,6 +89,9 @@ class PreQuantLatent(nn.Module):
 
 class VQVAEMethod(Method):
     config_class = VQVAEConfig
+
+    def checkpoint_blocks(self) -> tuple[type[nn.Module], ...]:
+        return (ResBlock,)
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"vqvae": build_vq_model(self.cfg, self.resolution)}

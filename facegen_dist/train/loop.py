@@ -40,6 +40,7 @@ from facegen_dist.methods import build_method
 from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
 from facegen_dist.train.preemption import PreemptionWatcher
 from facegen_dist.train import strategy
+from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.schedule import lr_factor
 
 
@@ -109,6 +110,8 @@ class Trainer:
         if self.code_levels:
             self.method.check_code_dataset(manifest, cfg.data.path)
         modules = self.method.build_modules()
+        if cfg.train.activation_checkpointing:  # before the EMA copies, so that both have the same structure
+            checkpoint_blocks(modules, self.method.checkpoint_blocks(), cfg.model.name)
         self.method.prepare_training()
         self.phases = self.method.phases()
         self.ema = {
