@@ -18,6 +18,7 @@ from facegen_dist.models.gan_losses import (adaptive_generator_weight, disc_fact
 from facegen_dist.models.perceptual import PerceptualLoss
 from facegen_dist.models.vqgan import AttnBlock, ResnetBlock, VQGAN, group_count
 from facegen_dist.models.vqvae import VQVAE
+from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from helpers import free_port
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
@@ -332,19 +333,20 @@ def test_vgg16_lpips_loads_a_local_state_dict(empty_hub, tmp_path):
 def test_activation_checkpointing_gives_the_same_gradients(dropout):
     torch.manual_seed(0)
     plain = tiny_vqgan(4, num_res_blocks=2, dropout=dropout)
-    checkpointed = tiny_vqgan(4, num_res_blocks=2, dropout=dropout, checkpoint_blocks=True)
+    checkpointed = tiny_vqgan(4, num_res_blocks=2, dropout=dropout)
     checkpointed.load_state_dict(plain.state_dict())
+    assert checkpoint_blocks({"vqvae": checkpointed}, (ResnetBlock, AttnBlock), "vqgan") == sum(isinstance(m, (ResnetBlock, AttnBlock)) for m in plain.modules())
     calls = []
-    checkpointed.decoder.up[0].block[0].register_forward_pre_hook(lambda *args: calls.append(1))  # pre: recompute stops early
+    checkpointed.decoder.up[0].block[0]._checkpoint_wrapped_module.register_forward_pre_hook(lambda *args: calls.append(1))  # pre: recompute stops early
     images = torch.rand(2, 3, 32, 32)
     grads = []
     for model in (plain, checkpointed):
         torch.manual_seed(1)
         reconstruction, _, loss, _ = model(images)
         (F.mse_loss(reconstruction, images) + loss).backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+        grads.append({name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters() if p.requires_grad})
     assert len(calls) == 2  # forward, then recomputed in backward: checkpointing is on
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-6), name
-    assert isinstance(checkpointed.decoder.up[0].block[0], ResnetBlock)
+    assert isinstance(checkpointed.decoder.up[0].block[0]._checkpoint_wrapped_module, ResnetBlock)

@@ -53,7 +53,6 @@ class VQGANConfig:
     z_channels: int = 256
     embed_dim: int = 256
     dropout: float = 0.0
-    checkpoint_blocks: bool = False  # activation checkpointing of the res/attn blocks (memory for compute)
     num_codes: int = 1024
     beta: float = 0.25
     codebook_update: str = "ema"  # ema | loss
@@ -93,8 +92,7 @@ def build_vqgan(cfg, resolution: int) -> VQGAN:
     quant = dict(num_codes=cfg.num_codes, beta=cfg.beta, update=cfg.codebook_update, decay=cfg.ema_decay,
                  kmeans_init=cfg.kmeans_init, dead_code_steps=cfg.dead_code_steps, cosine=cfg.cosine)
     return VQGAN(ch=cfg.channels, ch_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.res_blocks, attn_resolutions=tuple(cfg.attn_resolutions),
-                 resolution=resolution, embed_dim=cfg.embed_dim, z_channels=cfg.z_channels, dropout=cfg.dropout, quant=quant,
-                 checkpoint_blocks=cfg.checkpoint_blocks)
+                 resolution=resolution, embed_dim=cfg.embed_dim, z_channels=cfg.z_channels, dropout=cfg.dropout, quant=quant)
 
 
 class VQGANMethod(VQVAEMethod):

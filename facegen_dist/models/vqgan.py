@@ -17,8 +17,8 @@ Changed from taming, and why:
   bmm + softmax: on GPUs it runs fused kernels that never hold the HW x HW matrix.
 - No timestep embedding (taming builds none for the VQ-GAN either: temb_ch=0) and resampling is
   always with a conv (taming's `resamp_with_conv=True`).
-- `checkpoint_blocks=True` recomputes res/attn block activations in backward (activation
-  checkpointing) to fit large resolutions in little memory.
+- Activation checkpointing of the res/attn blocks is applied from outside
+  (train.activation_checkpointing, facegen_dist/train/activation_checkpointing.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from facegen_dist.models.quantizer import VectorQuantizer
 from facegen_dist.models.vqvae import OneGridVQ
@@ -104,18 +103,11 @@ class Upsample(nn.Module):
 
 
 class _Blocks(nn.Module):
-    """Runs res/attn blocks, optionally under activation checkpointing."""
-
-    checkpoint_blocks = False
-
-    def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+    """The middle blocks shared by the encoder and the decoder."""
 
     def _middle(self, h: torch.Tensor) -> torch.Tensor:
         for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
-            h = self.run(block, h)
+            h = block(h)
         return h
 
     def _middle_blocks(self, channels: int, dropout: float) -> nn.Module:
@@ -156,9 +148,9 @@ class Encoder(_Blocks):
         h = self.conv_in(x)
         for level, down in enumerate(self.down):
             for index, block in enumerate(down.block):
-                h = self.run(block, h)
+                h = block(h)
                 if len(down.attn) > 0:
-                    h = self.run(down.attn[index], h)
+                    h = down.attn[index](h)
             if level != len(self.down) - 1:
                 h = down.downsample(h)
         h = self._middle(h)
@@ -197,9 +189,9 @@ class Decoder(_Blocks):
         for level in reversed(range(len(self.up))):
             up = self.up[level]
             for index, block in enumerate(up.block):
-                h = self.run(block, h)
+                h = block(h)
                 if len(up.attn) > 0:
-                    h = self.run(up.attn[index], h)
+                    h = up.attn[index](h)
             if level != 0:
                 h = up.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
@@ -214,7 +206,7 @@ class VQGAN(OneGridVQ):
 
     def __init__(self, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), resolution: int = 256, embed_dim: int = 256,
-                 z_channels: int = 256, dropout: float = 0.0, quant: dict | None = None, checkpoint_blocks: bool = False):
+                 z_channels: int = 256, dropout: float = 0.0, quant: dict | None = None):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         self.downsample = 2 ** (len(ch_mult) - 1)
@@ -225,15 +217,6 @@ class VQGAN(OneGridVQ):
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.quantize = VectorQuantizer(dim=embed_dim, **(quant or {}))
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        self.checkpoint_blocks = checkpoint_blocks
-
-    @property
-    def checkpoint_blocks(self) -> bool:
-        return self.encoder.checkpoint_blocks
-
-    @checkpoint_blocks.setter
-    def checkpoint_blocks(self, enabled: bool) -> None:
-        self.encoder.checkpoint_blocks = self.decoder.checkpoint_blocks = bool(enabled)
 
     def last_layer(self) -> nn.Parameter:
         """The decoder's output conv weight: where the adaptive GAN weight compares gradient norms."""
