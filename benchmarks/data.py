@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,8 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image, ImageFilter, features
+
+from timing import cpu_model, git_commit
 
 from facegen_dist.data.avatars import render_avatar
 from facegen_dist.data.convert import encode_image
@@ -116,27 +117,9 @@ def measure_size(images: dict[str, list[Image.Image]], size: int, formats: list[
     } for cell in cells]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def jpeg_library() -> str:
     turbo = features.version("libjpeg_turbo")
     return f"libjpeg-turbo {turbo}" if turbo else f"libjpeg {features.version('jpg')}"
-
-
-def git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def header(args: argparse.Namespace, load_at_start: float) -> dict[str, str]:

@@ -1,8 +1,11 @@
-"""Timing shared by the benchmark scripts (run as `python benchmarks/X.py`, so this folder is on sys.path)."""
+"""Timing and run facts shared by the benchmark scripts (run as `python benchmarks/X.py`, so this folder is on sys.path)."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -22,3 +25,21 @@ def best_of(call: Callable[[], T], device: torch.device, repeats: int) -> tuple[
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"

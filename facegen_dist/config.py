@@ -56,6 +56,8 @@ class TrainConfig:
     # Recompute the method's residual/attention/transformer blocks in backward instead of keeping
     # their activations (train/activation_checkpointing.py): less memory, ~1 more forward per step.
     activation_checkpointing: bool = False
+    # NHWC weights and images: faster convolutions on GPUs with tensor cores (benchmarks/throughput.py).
+    channels_last: bool = False
     log_every_images: int = 3200
     sample_every_images: int = 16_000
     ckpt_every_images: int = 16_000

@@ -43,3 +43,44 @@ def test_gpt_sampling_benchmark_smoke():
     assert result.returncode == 0, result.stderr[-3000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 4x4 |"))
     assert row.rstrip().endswith("| yes |"), row  # the cached sampler returns the uncached loop's codes
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    out = tmp_path / "memory.json"
+    result = run_script("memory.py", "--smoke", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(row["model"], row["levers"]): row for row in report["rows"]}
+    assert {model for model, _ in rows} == {"VAE 32", "VQ-VAE2 32", "VQ-GAN 32"}
+    for row in rows.values():
+        assert row["activation_mb_per_image"] > 0 and row["estimate_gb"]["ddp"] > 0
+        # ZeRO shards states, never adds; DeepSpeed columns are n/a for the two-optimizer VQ-GAN only.
+        if row["model"] == "VQ-GAN 32":
+            assert row["estimate_gb"]["zero2"] is None
+        else:
+            assert row["estimate_gb"]["zero3_offload"] <= row["estimate_gb"]["zero2"] <= row["estimate_gb"]["zero1"] <= row["estimate_gb"]["ddp"]
+    # The levers do what they claim on the model that has checkpointable blocks.
+    fp32, bf16 = rows[("VQ-GAN 32", "naive (fp32, NCHW, for-loop AdamW)")], rows[("VQ-GAN 32", "bf16")]
+    checkpointed = rows[("VQ-GAN 32", "act. ckpt")]
+    assert bf16["activation_mb_per_image"] < fp32["activation_mb_per_image"]
+    assert checkpointed["activation_mb_per_image"] < fp32["activation_mb_per_image"]
+    assert ("VAE 32", "act. ckpt") not in rows  # BatchNorm model: no checkpointable blocks, no row
+    assert {"date", "commit", "device", "command"} <= set(report["header"])
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = run_script("throughput.py", "--smoke", "--comm", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(row["config"], row["loop"].split(" ")[0]) for row in report["rows"]] == [
+        ("vae_avatars64", "naive"), ("vae_avatars64", "channels_last"), ("vqgan_avatars64", "naive"), ("vqgan_avatars64", "channels_last")]
+    for row in report["rows"]:
+        for key in ("img_per_s", "ratio_to_naive", "gflop_per_image", "mfu", "loader_img_per_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["config"], key, row[key])
+        assert set(row["split"]) == {"data wait", "forward", "backward", "optimizer"}
+        assert math.isclose(sum(row["split"].values()), 1.0, rel_tol=1e-6)
+    # A GAN step is two phases: more FLOPs per image than its autoencoder's forward + backward alone.
+    assert report["rows"][2]["gflop_per_image"] > report["rows"][0]["gflop_per_image"]
+    assert report["allreduce"]["backend"] == "gloo" and set(report["allreduce"]["seconds"]) == {"vae_avatars64", "vqgan_avatars64"}
+    assert "All-reduce of one step's gradients" in result.stdout

@@ -112,6 +112,8 @@ class Trainer:
         modules = self.method.build_modules()
         if cfg.train.activation_checkpointing:  # before the EMA copies, so that both have the same structure
             checkpoint_blocks(modules, self.method.checkpoint_blocks(), cfg.model.name)
+        if cfg.train.channels_last:
+            modules = {name: module.to(memory_format=torch.channels_last) for name, module in modules.items()}
         self.method.prepare_training()
         self.phases = self.method.phases()
         self.ema = {
@@ -123,7 +125,9 @@ class Trainer:
         for phase in self.phases:
             params = [p for name in phase.modules for p in modules[name].parameters()]
             betas = tuple(phase.betas) if phase.betas is not None else tuple(cfg.optim.betas)
-            optimizers[phase.name] = torch.optim.AdamW(params, lr=self.base_lr[phase.name], betas=betas, weight_decay=cfg.optim.weight_decay)
+            # Fused (one kernel for all parameters) on CUDA; DeepSpeed steps its own flattened partitions instead.
+            fused = {"fused": True} if acc.device.type == "cuda" and not self.deepspeed else {}
+            optimizers[phase.name] = torch.optim.AdamW(params, lr=self.base_lr[phase.name], betas=betas, weight_decay=cfg.optim.weight_decay, **fused)
         names, phase_names = list(modules), list(optimizers)
         prepared = acc.prepare(*[modules[n] for n in names], *[optimizers[n] for n in phase_names])
         self.modules = dict(zip(names, prepared[: len(names)]))
@@ -256,7 +260,8 @@ class Trainer:
         device = self.accelerator.device
         if "codes" in batch:
             return {level: codes.to(device, non_blocking=True) for level, codes in batch["codes"].items()}
-        return batch["image"].to(device, non_blocking=True).float().div_(255.0)
+        images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+        return images.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else images
 
     def _train_step(self, data_iter) -> float:
         """One optimizer step of every phase; returns seconds spent waiting for data."""

@@ -54,20 +54,21 @@ def _allow_deepspeed_without_transformers() -> None:
 def build_accelerator(cfg) -> Accelerator:
     import os
 
+    kwargs = {"timeout": timedelta(minutes=60)}  # long: the first process of a node may render the embedded set while others wait
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         _allow_deepspeed_without_transformers()
-    kwargs = {"timeout": timedelta(minutes=60)}  # long: the first process of a node may render the embedded set while others wait
-    if not torch.cuda.is_available():
-        kwargs["backend"] = "gloo"  # DeepSpeed's CPU accelerator would ask for oneCCL otherwise
+        if not torch.cuda.is_available():
+            kwargs["backend"] = "gloo"  # DeepSpeed's CPU accelerator would ask for oneCCL otherwise
     accelerator = Accelerator(
         mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )
-    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
-        # Seen with configs/accelerate/fsdp.yaml on a machine without a GPU: the processes start but
-        # nothing is wrapped, and each would train its own model on its share of the data.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes or (launched > 1 and accelerator.distributed_type == DistributedType.NO):
+        # Seen with configs/accelerate/fsdp.yaml on a machine without a GPU: the launcher starts the
+        # processes, accelerate sets up no process group, and each would train its own model into the same folder.
         raise ConfigError(
-            f"accelerate started {accelerator.num_processes} processes but set up no distributed strategy "
+            f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} with no distributed strategy "
             f"(accelerate's FSDP needs GPUs): use configs/accelerate/ddp.yaml or a ds_zero*.yaml config here"
         )
     return accelerator

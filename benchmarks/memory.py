@@ -1,0 +1,175 @@
+"""Training memory per GPU for VAE, VQ-VAE2 and VQ-GAN at 256 and 512 px, per memory lever and per strategy.
+
+    python benchmarks/memory.py                      # CPU: the estimate, from measured saved activations
+    python benchmarks/memory.py --device cuda --cap-gb 8 --batch 8    # GPU: real peaks under an 8 GB cap, beside the estimate
+    python benchmarks/memory.py --smoke              # tiny 32 px models: seconds, for the tests
+
+Two kinds of figure, never mixed up in the output:
+
+- measured (GPU only): `torch.cuda.max_memory_allocated` over two real training steps (every
+  phase: forward, backward, AdamW step) at the given batch, with the process capped at
+  `--cap-gb` by `torch.cuda.set_per_process_memory_fraction`; OOM is reported as OOM.
+- estimate (any device): the bytes autograd keeps for backward, measured on a real forward of
+  every phase at `--probe-batch` images (`retained_activation_bytes`: non-parameter saved tensors, each storage
+  once), scaled to the batch, plus weights (fp32, + a bf16 copy under autocast), fp32 gradients
+  and two fp32 AdamW moments from the parameter count. Per strategy on N GPUs: ZeRO-1 divides
+  the AdamW states by N, ZeRO-2 also the gradients, ZeRO-3 + offload keeps 1/N of the weights
+  and gradients on the GPU and the AdamW states in CPU memory. Not in the estimate: the
+  allocator's fragmentation, cuDNN workspaces, temporaries inside a layer, the data batch and
+  DeepSpeed's communication buckets, so a real peak is higher. The GPU mode prints both, so
+  the gap is visible.
+
+A GAN's phases run one after the other, so the activation term is the larger phase's. DeepSpeed
+takes one-optimizer methods only (train/strategy.py): its columns say n/a for the VQ-GAN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from setups import Levers, Setup, load_method, scratch_dir
+from timing import cpu_model, git_commit
+
+from facegen_dist.train.activation_checkpointing import retained_activation_bytes
+
+GB = 2**30
+# (label, config, overrides): the shipped configs at their resolution; the VAE family at 512 is the 256 config one level deeper.
+CASES = [
+    ("VAE 256", "vae_cartoonset256", []),
+    ("VAE 512", "vae_cartoonset256", ["data.resolution=512", "model.channels=[32,64,128,256,512,512,512,512]"]),
+    ("VQ-VAE2 256", "vqvae2_avatars256", []),
+    ("VQ-VAE2 512", "vqvae2_ffhq512", []),
+    ("VQ-GAN 256", "vqgan_ffhq256", []),
+    ("VQ-GAN 512", "vqgan_ffhq512", []),
+]
+SMOKE_CASES = [
+    ("VAE 32", "vae_avatars64", ["data.resolution=32", "model.channels=[8,16,16,32,32]", "model.latent_dim=16"]),
+    ("VQ-VAE2 32", "vqvae2_avatars64", ["data.resolution=32", "model.channels=16", "model.res_blocks=1", "model.res_channels=8",
+                                        "model.embed_dim=8", "model.num_codes=32", "model.downsample=4"]),
+    ("VQ-GAN 32", "vqgan_avatars64", ["data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]", "model.res_blocks=1",
+                                      "model.attn_resolutions=[8]", "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64",
+                                      "model.perceptual=tiny", "model.disc_channels=16"]),
+]
+LEVERS = [
+    Levers(),
+    Levers(bf16=True),
+    Levers(activation_checkpointing=True),
+    Levers(bf16=True, activation_checkpointing=True),
+]
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3_offload")
+
+
+def retained_per_image(setup: Setup, images: torch.Tensor) -> int:
+    """The largest phase's retained activation bytes per image (forward only: backward frees them)."""
+    worst = 0
+    setup.method.begin_step(setup.images_seen)
+    for phase in setup.phases:
+        if not setup.method.phase_active(phase.name, setup.images_seen):
+            continue
+        with setup.autocast():
+            _, retained = retained_activation_bytes(lambda: setup.method.loss(phase.name, setup.modules, images)[0])
+        worst = max(worst, retained)
+    return worst // images.shape[0]
+
+
+def estimate_gb(setup: Setup, activations_per_image: int, batch: int, strategy: str, gpus: int) -> float | None:
+    trainable = sum(p.numel() for module in setup.modules.values() for p in module.parameters())
+    frozen = sum(p.numel() for p in setup.method.perceptual.parameters()) if getattr(setup.method, "perceptual", None) is not None else 0
+    per_param_weights = 4 + (2 if setup.levers.bf16 else 0)  # fp32 master + autocast's bf16 copy
+    weights, grads, adam = trainable * per_param_weights, trainable * 4, trainable * 8
+    if strategy != "ddp" and len(setup.phases) > 1:
+        return None  # DeepSpeed runs one-optimizer methods only
+    if strategy == "zero1":
+        adam /= gpus
+    elif strategy == "zero2":
+        grads, adam = grads / gpus, adam / gpus
+    elif strategy == "zero3_offload":
+        weights, grads, adam = weights / gpus, grads / gpus, 0
+    return (weights + grads + adam + frozen * per_param_weights + activations_per_image * batch) / GB
+
+
+def measured_peak_gb(setup: Setup, images: torch.Tensor) -> float | str:
+    device = setup.device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for _ in range(2):
+            setup.step(images)
+    except torch.OutOfMemoryError:
+        return "OOM"
+    return torch.cuda.max_memory_allocated(device) / GB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, default=8, help="per-GPU batch the figures are for")
+    parser.add_argument("--gpus", type=int, default=8, help="N for the ZeRO columns")
+    parser.add_argument("--cap-gb", type=float, default=8.0, help="the per-GPU budget: GPU mode caps the process at it; the max-batch column uses it")
+    parser.add_argument("--probe-batch", type=int, default=1, help="images in the measured forward (the activation term is per image)")
+    parser.add_argument("--cases", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="tiny 32 px models, batch 2, for the tests")
+    parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
+    args = parser.parse_args()
+    cases = SMOKE_CASES if args.smoke else CASES
+    if args.smoke:
+        args.batch, args.probe_batch = 2, 2
+    if args.cases:
+        cases = [case for case in cases if case[0] in args.cases]
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GB / total), device)
+        name = f"{torch.cuda.get_device_name(device)} capped at {args.cap_gb:g} GB"
+    else:
+        name = f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    header = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": name, "torch": torch.__version__,
+              "command": shlex.join(["python", *sys.argv]), "batch": args.batch, "gpus_for_zero": args.gpus}
+    print(f"{header['date']}; commit {header['commit']}; {name}; torch {torch.__version__}")
+    print(f"`{header['command']}`: per-GPU GB at batch {args.batch}; ZeRO columns for {args.gpus} GPUs; "
+          f"estimate = measured saved activations x batch + weights/grads/AdamW from the parameter count (see the docstring)")
+    print()
+    columns = " | ".join(f"est. {s}" for s in STRATEGIES)
+    print(f"| model | params (M) | levers | act. MB/img (measured) | {columns} | est. max batch in {args.cap_gb:g} GB (ddp) |"
+          + (" measured peak, 1 GPU |" if device.type == "cuda" else ""))
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in STRATEGIES) + " | ---" + (" | --- |" if device.type == "cuda" else " |"))
+
+    scratch, rows = scratch_dir(), []
+    for label, config, overrides in cases:
+        cfg, method = load_method(config, overrides, scratch)
+        resolution = cfg.data.resolution
+        for levers in LEVERS:
+            if levers.activation_checkpointing and not method.checkpoint_blocks():
+                continue  # BatchNorm models have no checkpointable blocks
+            setup = Setup(cfg, method, device, levers)
+            probe = torch.rand(args.probe_batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device)
+            per_image = retained_per_image(setup, setup.inputs((probe * 255).to(torch.uint8)))
+            estimates = {s: estimate_gb(setup, per_image, args.batch, s, args.gpus) for s in STRATEGIES}
+            row = {"model": label, "config": config, "overrides": overrides, "resolution": resolution, "params_m": setup.num_params() / 1e6,
+                   "levers": levers.label(), "activation_mb_per_image": per_image / 2**20, "estimate_gb": estimates}
+            fixed_gb = estimate_gb(setup, 0, 0, "ddp", args.gpus)
+            row["max_batch_in_cap"] = max(0, int((args.cap_gb - fixed_gb) * GB // max(per_image, 1)))
+            cells = " | ".join("n/a" if v is None else f"{v:.2f}" for v in estimates.values())
+            line = f"| {label} | {row['params_m']:.1f} | {row['levers']} | {row['activation_mb_per_image']:.1f} | {cells} | {row['max_batch_in_cap']} |"
+            if device.type == "cuda":
+                batch = torch.randint(0, 256, (args.batch, 3, resolution, resolution), dtype=torch.uint8)
+                peak = measured_peak_gb(setup, setup.inputs(batch))
+                row["measured_peak_gb"] = peak
+                line += f" {peak if isinstance(peak, str) else f'{peak:.2f}'} |"
+            print(line, flush=True)
+            rows.append(row)
+            del setup
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
