@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import json
 import platform
 import shlex
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -107,6 +109,29 @@ def measured_peak_gb(setup: Setup, images: torch.Tensor) -> float | str:
     return torch.cuda.max_memory_allocated(device) / GB
 
 
+def measure_row(label: str, config: str, overrides: list[str], levers: Levers, args: dict) -> dict | None:
+    device = torch.device(args["device"])
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args["cap_gb"] * GB / total), device)
+    cfg, method = load_method(config, overrides, scratch_dir())
+    if levers.activation_checkpointing and not method.checkpoint_blocks():
+        return None
+    resolution = cfg.data.resolution
+    setup = Setup(cfg, method, device, levers)
+    probe = torch.rand(args["probe_batch"], 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    per_image = retained_per_image(setup, setup.inputs((probe * 255).to(torch.uint8)))
+    estimates = {s: estimate_gb(setup, per_image, args["batch"], s, args["gpus"]) for s in STRATEGIES}
+    fixed_gb = estimate_gb(setup, 0, 0, "ddp", args["gpus"])
+    row = {"model": label, "config": config, "overrides": overrides, "resolution": resolution, "params_m": setup.num_params() / 1e6,
+           "levers": levers.label(), "activation_mb_per_image": per_image / 2**20, "estimate_gb": estimates,
+           "max_batch_in_cap": max(0, int((args["cap_gb"] - fixed_gb) * GB // max(per_image, 1)))}
+    if device.type == "cuda":
+        batch = torch.randint(0, 256, (args["batch"], 3, resolution, resolution), dtype=torch.uint8)
+        row["measured_peak_gb"] = measured_peak_gb(setup, setup.inputs(batch))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -126,8 +151,6 @@ def main() -> None:
 
     device = torch.device(args.device)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GB / total), device)
         name = f"{torch.cuda.get_device_name(device)} capped at {args.cap_gb:g} GB"
     else:
         name = f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -142,31 +165,22 @@ def main() -> None:
           + (" measured peak, 1 GPU |" if device.type == "cuda" else ""))
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in STRATEGIES) + " | ---" + (" | --- |" if device.type == "cuda" else " |"))
 
-    scratch, rows = scratch_dir(), []
-    for label, config, overrides in cases:
-        cfg, method = load_method(config, overrides, scratch)
-        resolution = cfg.data.resolution
-        for levers in LEVERS:
-            if levers.activation_checkpointing and not method.checkpoint_blocks():
-                continue  # BatchNorm models have no checkpointable blocks
-            setup = Setup(cfg, method, device, levers)
-            probe = torch.rand(args.probe_batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device)
-            per_image = retained_per_image(setup, setup.inputs((probe * 255).to(torch.uint8)))
-            estimates = {s: estimate_gb(setup, per_image, args.batch, s, args.gpus) for s in STRATEGIES}
-            row = {"model": label, "config": config, "overrides": overrides, "resolution": resolution, "params_m": setup.num_params() / 1e6,
-                   "levers": levers.label(), "activation_mb_per_image": per_image / 2**20, "estimate_gb": estimates}
-            fixed_gb = estimate_gb(setup, 0, 0, "ddp", args.gpus)
-            row["max_batch_in_cap"] = max(0, int((args.cap_gb - fixed_gb) * GB // max(per_image, 1)))
-            cells = " | ".join("n/a" if v is None else f"{v:.2f}" for v in estimates.values())
-            line = f"| {label} | {row['params_m']:.1f} | {row['levers']} | {row['activation_mb_per_image']:.1f} | {cells} | {row['max_batch_in_cap']} |"
-            if device.type == "cuda":
-                batch = torch.randint(0, 256, (args.batch, 3, resolution, resolution), dtype=torch.uint8)
-                peak = measured_peak_gb(setup, setup.inputs(batch))
-                row["measured_peak_gb"] = peak
-                line += f" {peak if isinstance(peak, str) else f'{peak:.2f}'} |"
-            print(line, flush=True)
-            rows.append(row)
-            del setup
+    rows = []
+    # Each row in a fresh process: a row's retained tensors and heap must not carry into the next one
+    # (in one process the 512 px VQ-GAN rows ran a 24 GB machine out of memory; alone, a row peaks at 3-12 GB).
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        for label, config, overrides in cases:
+            for levers in LEVERS:
+                row = pool.submit(measure_row, label, config, overrides, levers, vars(args)).result()
+                if row is None:
+                    continue  # BatchNorm models have no checkpointable blocks
+                cells = " | ".join("n/a" if v is None else f"{v:.2f}" for v in row["estimate_gb"].values())
+                line = f"| {label} | {row['params_m']:.1f} | {row['levers']} | {row['activation_mb_per_image']:.1f} | {cells} | {row['max_batch_in_cap']} |"
+                if "measured_peak_gb" in row:
+                    peak = row["measured_peak_gb"]
+                    line += f" {peak if isinstance(peak, str) else f'{peak:.2f}'} |"
+                print(line, flush=True)
+                rows.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
 

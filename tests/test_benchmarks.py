@@ -12,7 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600)
 
 
 def test_data_benchmark_smoke(tmp_path):
@@ -84,3 +84,17 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert report["rows"][2]["gflop_per_image"] > report["rows"][0]["gflop_per_image"]
     assert report["allreduce"]["backend"] == "gloo" and set(report["allreduce"]["seconds"]) == {"vae_avatars64", "vqgan_avatars64"}
     assert "All-reduce of one step's gradients" in result.stdout
+
+
+def test_strategies_benchmark_smoke(tmp_path):
+    out = tmp_path / "strategies.json"
+    result = run_script("strategies.py", "--smoke", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cells = {(c["method"], c["strategy_config"]): c for c in json.loads(out.read_text())["cells"]}
+    assert set(cells) == {("VAE", "ddp"), ("VAE", "ds_zero2"), ("DCGAN", "ddp"), ("DCGAN", "ds_zero2")}
+    for key in (("VAE", "ddp"), ("VAE", "ds_zero2"), ("DCGAN", "ddp")):
+        assert cells[key]["works"] and cells[key]["ranks_in_sync"] and cells[key]["world_size"] == 2, cells[key]
+        assert cells[key]["img_per_s"] > 0 and cells[key]["peak_mem_gb"] > 0
+    assert cells[("VAE", "ds_zero2")]["strategy"] == "deepspeed-zero2"
+    assert not cells[("DCGAN", "ds_zero2")]["works"] and "2 optimizers" in cells[("DCGAN", "ds_zero2")]["reason"]
+    assert "| DCGAN | works:" in result.stdout

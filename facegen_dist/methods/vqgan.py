@@ -40,7 +40,7 @@ from facegen_dist.methods.base import Phase, plain_module
 from facegen_dist.methods.vqvae import VQVAEMethod
 from facegen_dist.models.discriminator import PatchDiscriminator
 from facegen_dist.models.gan_losses import adaptive_generator_weight, disc_factor, discriminator_loss, feature_matching_loss, generator_adversarial_loss
-from facegen_dist.models.vqgan import VQGAN, AttnBlock, ResnetBlock
+from facegen_dist.models.vqgan import VQGAN, AttnBlock, Downsample, ResnetBlock, Upsample
 
 
 @dataclass
@@ -101,7 +101,9 @@ class VQGANMethod(VQVAEMethod):
     config_class = VQGANConfig
 
     def checkpoint_blocks(self) -> tuple[type[nn.Module], ...]:
-        return (ResnetBlock, AttnBlock)  # the autoencoder's; the patch discriminator is small and keeps its activations
+        # The autoencoder's; resampling too (Upsample saves its 4x larger interpolated input otherwise). The
+        # patch discriminator keeps its activations: they are small, and its BatchNorm must not run twice.
+        return (ResnetBlock, AttnBlock, Downsample, Upsample)
 
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)
