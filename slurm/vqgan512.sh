@@ -1,6 +1,7 @@
 #!/bin/bash
 # The headline job: VQ-GAN at 512x512 on FFHQ (configs/vqgan_ffhq512.yaml: bf16, activation
-# checkpointing, batch 8 per GPU, the 8 GB-per-GPU config) on N nodes x G GPUs.
+# checkpointing, 8 images per GPU per step as 4 micro-batches of 2: ~3.5 GB per GPU plus recompute transients by the CPU estimate
+# of benchmarks/memory.py, not yet measured on a GPU) on N nodes x G GPUs.
 #   1. shards once:  facegen data ffhq --src /datasets/ffhq --out data/ffhq512 --size 512
 #   2. submit:       sbatch --nodes=2 --gpus-per-node=4 --partition=gpu slurm/vqgan512.sh
 # Overrides after the script name: sbatch slurm/vqgan512.sh train.total_images=2000000

@@ -37,10 +37,10 @@ from facegen_dist.log.images import interleave_rows, save_grid
 from facegen_dist.log.logger import NullLogger, RunLogger, truncate_metrics
 from facegen_dist.log.stats import StatsCollector
 from facegen_dist.methods import build_method
-from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
-from facegen_dist.train.preemption import PreemptionWatcher
 from facegen_dist.train import strategy
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
+from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from facegen_dist.train.preemption import PreemptionWatcher
 from facegen_dist.train.schedule import lr_factor
 
 
@@ -238,7 +238,7 @@ class Trainer:
         # the same decision: a NaN/inf anywhere skips the step everywhere (no extra sync).
         clip = phase.grad_clip if phase.grad_clip is not None else cfg.train.grad_clip
         grad_norm = acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if self.deepspeed:  # the engine has stepped already (skipping it itself on fp16 overflow); this is its norm
+        if self.deepspeed:  # the engine has stepped already, and skipped the step itself if a gradient held NaN/inf (tested); this is its norm
             grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
             finite = bool(torch.isfinite(grad_norm)) and not optimizer.step_was_skipped
         else:
