@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from helpers import COMMON, TINY, TINY_VQVAE2, kill9_after_first_checkpoint, read_metrics, run_train, start_train
+from helpers import COMMON, TINY, TINY_VQVAE2, kill9_after_first_checkpoint, read_metrics, run_facegen, run_train, start_train
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +136,17 @@ def test_strategy_that_sets_up_nothing_is_refused(tiny_shards, tmp_path):
     errors = _one_error_line(result)
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
     assert "no distributed strategy" in errors[0] and "accelerate's FSDP needs GPUs" in errors[0]
+
+
+def test_one_level_prior_trains_under_zero2_and_samples(tiny_shards, tmp_path):
+    """A PixelCNN prior over a one-level VQ-VAE's codes (codes on the fly): one module, one optimizer, so DeepSpeed runs it."""
+    common = [*COMMON, f"data.path={tiny_shards}", "train.total_images=160", "train.sample_every_images=100000"]
+    _assert_ok(run_train(tmp_path, *common, "model.name=vqvae", "model.channels=16", "model.res_blocks=1", "model.res_channels=8",
+                         "model.embed_dim=8", "model.num_codes=32", "model.downsample=4", "run.name=vq", num_processes=2))
+    _assert_ok(run_train(tmp_path, *common, "model.name=pixelcnn_prior", f"model.vq_run={tmp_path / 'runs' / 'vq'}", "model.channels=16",
+                         "model.layers=3", "model.kernel_size=3", "run.name=prior", num_processes=2, strategy="ds_zero2"))
+    summary = _summary(tmp_path / "runs" / "prior")
+    assert summary["strategy"] == "deepspeed-zero2" and summary["ranks_in_sync"] and summary["world_size"] == 2
+    assert all(math.isfinite(row["nll"]) for row in read_metrics(tmp_path / "runs" / "prior"))
+    result = run_facegen(tmp_path, "sample", "--run", str(tmp_path / "runs" / "prior"), "--num", "4", "--out", str(tmp_path / "samples.png"))
+    assert result.returncode == 0 and (tmp_path / "samples.png").is_file(), result.stderr[-3000:]
