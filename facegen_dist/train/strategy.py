@@ -25,6 +25,7 @@ differences, so the loop stays one loop:
 from __future__ import annotations
 
 import contextlib
+import os
 from datetime import timedelta
 
 import torch
@@ -52,8 +53,6 @@ def _allow_deepspeed_without_transformers() -> None:
 
 
 def build_accelerator(cfg) -> Accelerator:
-    import os
-
     kwargs = {"timeout": timedelta(minutes=60)}  # long: the first process of a node may render the embedded set while others wait
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         _allow_deepspeed_without_transformers()
@@ -63,7 +62,7 @@ def build_accelerator(cfg) -> Accelerator:
         mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = int(os.environ.get("WORLD_SIZE") or accelerator.num_processes)  # what torchrun/accelerate launch started
     if launched != accelerator.num_processes or (launched > 1 and accelerator.distributed_type == DistributedType.NO):
         # Seen with configs/accelerate/fsdp.yaml on a machine without a GPU: the launcher starts the
         # processes, accelerate sets up no process group, and each would train its own model into the same folder.
