@@ -171,6 +171,10 @@ def load_config(config_files: list[str] | None = None, overrides: list[str] | No
             merged = OmegaConf.merge(merged, layer)
         except oc_errors.OmegaConfBaseException as error:
             raise _wrap_omegaconf(error) from None
+    # Run folders written before train.activation_checkpointing existed hold the VQ-GAN's own
+    # model.checkpoint_blocks: read it as the train flag, so their configs still load.
+    if merged.model.get("checkpoint_blocks") is not None and merged.model.pop("checkpoint_blocks"):
+        merged.train.activation_checkpointing = True
     merged.model = _validated_model_section(merged.model)
     # YAML 1.1 reads a bare `off` as false (and `on` as true); `log.wandb=off` must mean "off".
     merged.log.wandb = {"False": "off", "false": "off", "True": "online", "true": "online"}.get(merged.log.wandb, merged.log.wandb)

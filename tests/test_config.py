@@ -77,3 +77,12 @@ def test_shipped_configs_load(tiny_shards):
         if cfg.model.name not in ("pixelcnn_prior", "gpt_prior"):  # a prior needs its trained VQ run (tests/test_vq_train.py, test_vqgan_train.py)
             modules = build_method(cfg.model, cfg.data.resolution).build_modules()
             assert sum(p.numel() for m in modules.values() for p in m.parameters()) > 0, path.name
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_old_vqgan_runs_checkpoint_blocks_key_still_loads(tmp_path, tiny_shards, value):
+    """Run folders from before train.activation_checkpointing hold model.checkpoint_blocks: sampling them must still work."""
+    old = tmp_path / "config.yaml"
+    old.write_text(f"data:\n  path: {tiny_shards}\nmodel:\n  name: vqgan\n  checkpoint_blocks: {str(value).lower()}\n")
+    cfg = load_config([str(old)])
+    assert cfg.train.activation_checkpointing is value and "checkpoint_blocks" not in cfg.model
