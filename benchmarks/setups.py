@@ -18,6 +18,7 @@ import torch
 from facegen_dist.config import load_config
 from facegen_dist.methods import build_method
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
+from facegen_dist.train.loop import phase_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -77,16 +78,11 @@ class Setup:
         if levers.activation_checkpointing:
             checkpoint_blocks(modules, method.checkpoint_blocks(), cfg.model.name)
         method.prepare_training()
-        if getattr(method, "perceptual", None) is not None:
-            method.perceptual.to(device)
         memory_format = torch.channels_last if levers.channels_last else torch.contiguous_format
         self.modules = {name: module.to(device, memory_format=memory_format).train() for name, module in modules.items()}
         self.phases = method.phases()
-        self.optimizers = {}
-        for phase in self.phases:
-            params = [p for name in phase.modules for p in self.modules[name].parameters()]
-            kwargs = ({"fused": True} if device.type == "cuda" else {"foreach": True}) if levers.fused_optimizer else {"foreach": False}
-            self.optimizers[phase.name] = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(phase.betas or cfg.optim.betas), **kwargs)
+        kwargs = ({"fused": True} if device.type == "cuda" else {"foreach": True}) if levers.fused_optimizer else {"foreach": False}
+        self.optimizers = {phase.name: phase_optimizer(phase, self.modules, cfg, **kwargs) for phase in self.phases}
         self.images_seen = images_seen_for_all_phases(cfg)
         if levers.compile:
             for name, module in self.modules.items():

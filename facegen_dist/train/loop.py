@@ -57,6 +57,14 @@ class TrainerState:
     wandb_run_id: str | None = None
 
 
+def phase_optimizer(phase, modules: dict[str, torch.nn.Module], cfg, **adamw_kwargs) -> torch.optim.AdamW:
+    """AdamW over the phase's modules, with the phase's lr and betas where it sets them (else optim.*)."""
+    params = [p for name in phase.modules for p in modules[name].parameters()]
+    lr = phase.lr if phase.lr is not None else cfg.optim.lr
+    betas = tuple(phase.betas) if phase.betas is not None else tuple(cfg.optim.betas)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.optim.weight_decay, **adamw_kwargs)
+
+
 def _crossed(images_seen: int, images_per_step: int, interval: int) -> bool:
     return images_seen // interval > (images_seen - images_per_step) // interval
 
@@ -120,14 +128,10 @@ class Trainer:
             name: EMA(modules[name], beta=cfg.train.ema_beta, update_after_step=0, update_every=1, include_online_model=False)
             for name in self.method.ema_modules()
         }
-        optimizers = {}
-        self.base_lr = {phase.name: phase.lr if phase.lr is not None else cfg.optim.lr for phase in self.phases}
-        for phase in self.phases:
-            params = [p for name in phase.modules for p in modules[name].parameters()]
-            betas = tuple(phase.betas) if phase.betas is not None else tuple(cfg.optim.betas)
-            # Fused (one kernel for all parameters) on CUDA; DeepSpeed steps its own flattened partitions instead.
-            fused = {"fused": True} if acc.device.type == "cuda" and not self.deepspeed else {}
-            optimizers[phase.name] = torch.optim.AdamW(params, lr=self.base_lr[phase.name], betas=betas, weight_decay=cfg.optim.weight_decay, **fused)
+        # Fused (one kernel for all parameters) on CUDA; DeepSpeed steps its own flattened partitions instead.
+        fused = {"fused": True} if acc.device.type == "cuda" and not self.deepspeed else {}
+        optimizers = {phase.name: phase_optimizer(phase, modules, cfg, **fused) for phase in self.phases}
+        self.base_lr = {name: optimizer.param_groups[0]["lr"] for name, optimizer in optimizers.items()}
         names, phase_names = list(modules), list(optimizers)
         prepared = acc.prepare(*[modules[n] for n in names], *[optimizers[n] for n in phase_names])
         self.modules = dict(zip(names, prepared[: len(names)]))
