@@ -2,7 +2,7 @@
 
 import sys
 
-from facegen_dist.cli import train_main
+from facegen_dist.cli import exit_process, train_main
 
 if __name__ == "__main__":
-    sys.exit(train_main(sys.argv[1:]))
+    sys.exit(exit_process(train_main(sys.argv[1:])))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -12,6 +13,24 @@ from facegen_dist.errors import FacegenError
 
 def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def exit_process(code: int) -> int:
+    """Return `code`; in a process a distributed launcher started, end it here instead, without Python's teardown.
+
+    gloo's worker threads can still be releasing the last collective's tensors when the interpreter
+    finalizes; a thread that then asks for the GIL is ended inside a C++ frame, and the whole
+    process aborts ("terminate called without an active exception", SIGABRT) after the run
+    finished well: seen in about 1 of 100 two-process runs, and it failed CI (core dump:
+    ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> THPVariable_dealloc -> take_gil -> pthread_exit).
+    By now every file is closed and the process group destroyed, so skipping the teardown loses nothing.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _fail(message: str) -> int:
@@ -74,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print("usage: facegen {train,submit,launch,data,codes,eval,sample,extractor,latent,report,suite} ...\n  train  train a model (same as train.py)\n  submit submit a training run to SLURM with submitit (or --local)\n  launch inside an sbatch script: srun facegen launch -- train ... (accelerate launch with SLURM's rendezvous)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors\n  report compare runs: cost, quality, codebooks, grids and curves (Markdown + HTML)\n  suite  train + evaluate + report a suite of runs on one image budget", file=sys.stderr)
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
-    return COMMANDS[argv[0]](argv[1:])
+    return exit_process(COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics, psnr, ssim, value_names
+from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics, laplacian_energy, psnr, sharpness, ssim, value_names
 from helpers import TINY, run_facegen, run_train
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins"))
@@ -50,6 +50,20 @@ def test_psnr_and_ssim():
     assert torch.allclose(psnr(noisy, images), expected)
 
 
+def test_sharpness_is_one_for_the_data_below_for_blur_above_for_noise():
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    energy = laplacian_energy(images)
+    assert sharpness(laplacian_energy(images), energy) == pytest.approx(1.0)
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    noisy = (images + 0.2 * torch.randn(images.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    assert sharpness(laplacian_energy(blurred), energy) < 0.3 < 1.0 < sharpness(laplacian_energy(noisy), energy)
+    # By hand: a grey image with one white pixel in the middle: Laplacian -4 there, +1 at its 4 neighbours.
+    dot = torch.zeros(1, 3, 5, 5)
+    dot[..., 2, 2] = 1.0
+    assert laplacian_energy(dot).item() == pytest.approx((16 + 4) / 9)  # 'valid' 3x3 window: 9 outputs
+    assert laplacian_energy(torch.full((2, 3, 8, 8), 0.7)).abs().max().item() < 1e-9  # flat: no detail
+
+
 def test_names_carry_a_non_inception_extractor():
     assert value_names("fid", "inception-v3-compat") == {"frechet_inception_distance": "fid"}
     assert value_names("fid", "avatar-v1") == {"frechet_inception_distance": "fd_avatar"}
@@ -63,7 +77,7 @@ def _eval(root, *args, num_processes=1):
 
 @pytest.mark.slow
 def test_eval_same_for_one_and_two_processes_and_reference_is_cached(trained_run):
-    metrics = "--metrics=fid,kid,prc,rfid,psnr,ssim"
+    metrics = "--metrics=fid,kid,prc,rfid,psnr,ssim,sharpness"
     one = _eval(trained_run, metrics, "--num", "48")
     assert one.returncode == 0, one.stderr[-3000:]
     records = sorted((trained_run / "runs" / "tiny" / "eval").glob("0*.json"))
@@ -83,8 +97,9 @@ def test_eval_same_for_one_and_two_processes_and_reference_is_cached(trained_run
         assert record_two["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
 
     values = record_one["metrics"]
-    assert {"fd_tiny-test", "kid_tiny-test", "precision_tiny-test", "recall_tiny-test", "rfd_tiny-test", "psnr", "ssim"} <= set(values)
+    assert {"fd_tiny-test", "kid_tiny-test", "precision_tiny-test", "recall_tiny-test", "rfd_tiny-test", "psnr", "ssim", "sharpness"} <= set(values)
     assert values["fd_tiny-test"] > 0 and 0 <= values["precision_tiny-test"] <= 1 and 5 < values["psnr"] < 60 and 0 < values["ssim"] <= 1
+    assert 0 < values["sharpness"] < 1  # a VAE 320 images in reconstructs a blur of its inputs
     protocol = record_one["protocol"]
     assert protocol["extractor"]["name"] == "tiny-test" and len(protocol["extractor"]["weights_sha256"]) == 64
     assert protocol["model"]["images_seen"] == 320 and protocol["model"]["ema"] is True

@@ -93,3 +93,19 @@ def test_bf16_nan_skip_wandb_offline_and_rerun_is_noop(tmp_path, tiny_shards):
     _assert_ok(again)
     assert "already complete" in again.stderr
     assert len(read_metrics(run_dir)) == 40
+
+
+def test_a_launched_process_ends_without_interpreter_teardown_and_keeps_its_output():
+    """Under a launcher (WORLD_SIZE > 1) the entry points end with os._exit: gloo's threads cannot abort a finished run."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import atexit, sys\nfrom facegen_dist.cli import exit_process\n"
+              "atexit.register(lambda: print('teardown ran'))\nprint('done', end='')\nsys.stderr.write('err')\n"
+              "sys.exit(exit_process(3))\n")
+    for world_size, teardown in (("2", False), ("1", True)):
+        env = {**os.environ, "WORLD_SIZE": world_size}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 3 and result.stderr == "err", result
+        assert result.stdout == ("doneteardown ran\n" if teardown else "done")  # buffered output flushed either way

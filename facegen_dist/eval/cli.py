@@ -18,7 +18,7 @@ from facegen_dist.train.restore import restore_run
 def eval_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="facegen eval", description="FID/KID/precision-recall/rFID/PSNR/SSIM of a trained run, with its protocol.")
     parser.add_argument("--run", required=True, help="run folder, e.g. runs/vae_avatars64")
-    parser.add_argument("--metrics", default=None, help="comma list from fid,kid,prc,isc,rfid,psnr,ssim (default: eval.metrics of the run)")
+    parser.add_argument("--metrics", default=None, help="comma list from fid,kid,prc,isc,rfid,psnr,ssim,sharpness (default: eval.metrics of the run)")
     parser.add_argument("--num", type=int, default=None, help="generated samples (default: eval.num_samples)")
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     parser.add_argument("--extractor", default=None, help="inception-v3-compat | avatar | auto | a registered name (default: eval.extractor)")

@@ -15,7 +15,7 @@ from facegen_dist.data.shards import split_shards
 from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.eval.extractors import Extractor
 from facegen_dist.eval.features import distributed_features, to_uint8
-from facegen_dist.eval.metrics import METRICS, compute_feature_metric, psnr, ssim, value_names
+from facegen_dist.eval.metrics import METRICS, compute_feature_metric, laplacian_energy, psnr, sharpness, ssim, value_names
 from facegen_dist.eval.reference import reference_features, split_chunk_reader
 
 FEATURE_METRICS = ("fid", "kid", "prc", "isc", "rfid")
@@ -88,7 +88,8 @@ def evaluate(accelerator, method, modules: dict, data_dir: Path, eval_cfg, resol
             if output is None:
                 raise FacegenError(f"eval: {type(method).__name__} does not reconstruct, so {recon_metrics} cannot be computed")
             output = output.float().clamp(0, 1)
-            return {"images": to_uint8(output), "psnr": psnr(output, inputs), "ssim": ssim(output, inputs)}
+            return {"images": to_uint8(output), "psnr": psnr(output, inputs), "ssim": ssim(output, inputs),
+                    "energy_reconstructed": laplacian_energy(output), "energy_input": laplacian_energy(inputs)}
 
         recon = distributed_features(accelerator, num_reference, batch, make_reconstructions, extractor if "rfid" in recon_metrics else None, "reconstructing")
         if "rfid" in recon_metrics:
@@ -97,6 +98,8 @@ def evaluate(accelerator, method, modules: dict, data_dir: Path, eval_cfg, resol
         for metric in ("psnr", "ssim"):
             if metric in recon_metrics:
                 values[metric] = float(recon[metric].double().mean())
+        if "sharpness" in recon_metrics:
+            values["sharpness"] = sharpness(recon["energy_reconstructed"], recon["energy_input"])
     protocol["seconds"] = time.perf_counter() - started
     record = {"metrics": values, "protocol": protocol}
     if out_dir is not None and accelerator.is_main_process:

@@ -158,7 +158,7 @@ class Trainer:
         metrics = check_metrics(list(cfg.eval.metrics))
         sample_metrics = [m for m in metrics if METRICS[m].needs == "samples"]
         if sample_metrics and not self.method.can_sample():
-            raise ConfigError(f"eval.metrics: {', '.join(sample_metrics)} need samples and a '{cfg.model.name}' run draws none; use rfid, psnr, ssim")
+            raise ConfigError(f"eval.metrics: {', '.join(sample_metrics)} need samples and a '{cfg.model.name}' run draws none; use rfid, psnr, ssim, sharpness")
         needs = [m for m in metrics if m in FEATURE_METRICS]
         return build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.image_dir).get("name")) if needs else None
 
@@ -463,7 +463,12 @@ def run(cfg, preemption: PreemptionWatcher | None = None) -> dict:
             trainer.logger.write(f"facegen: {trainer.run_dir} is already complete ({trainer.state.images_seen} images); nothing to do")
             trainer.logger.close()
             return {}
-        return trainer.fit()
+        result = trainer.fit()
+        # Rank 0 writes the summary after the last collective; the others would otherwise reach their
+        # exit at once, racing gloo's worker threads still releasing that collective's tensors (see
+        # cli.exit_process). Waiting here gives those threads the time, whoever runs this function.
+        trainer.accelerator.wait_for_everyone()
+        return result
     finally:
         preemption.ignore_further()
         trainer.accelerator.end_training()
