@@ -197,3 +197,22 @@ def test_bad_forward_arguments():
         _model()(torch.zeros(2, 12, dtype=torch.long), cond)
     with pytest.raises(ValueError, match="multiple of n_head"):
         CodeGPT(11, 12, n_layer=1, n_head=3, n_embd=16)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.top_p=1.5", r"model.top_p \(--top-p\) is 1.5: must be in \(0, 1\]"),
+    ("model.temperature=0", r"model.temperature \(--temperature\) is 0(.0)?: must be > 0"),
+    ("model.top_k=-2", r"model.top_k \(--top-k\) is -2: must be >= 0"),
+])
+def test_bad_sampling_config_names_the_flag(override, match):
+    # Checked before the VQ run is read, so a missing vq_run folder does not mask it.
+    from pathlib import Path
+
+    from facegen_dist.config import load_config
+    from facegen_dist.errors import ConfigError
+    from facegen_dist.methods import build_method
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "prior_vqgan_avatars64.yaml"
+    cfg = load_config([str(config)], ["model.vq_run=runs/does-not-exist", override])
+    with pytest.raises(ConfigError, match=match):
+        build_method(cfg.model, cfg.data.resolution)

@@ -68,8 +68,13 @@ class CodePriorMethod(Method):
 
         if not model_cfg.vq_run:
             raise ConfigError(f"model.vq_run: required: the folder of a trained {'/'.join(VQ_METHODS)} run, e.g. runs/vqvae2_avatars64")
-        if model_cfg.temperature <= 0 or model_cfg.top_k < 0 or not 0 < getattr(model_cfg, "top_p", 1.0) <= 1:
-            raise ConfigError("model.temperature must be > 0, model.top_k >= 0 and model.top_p in (0, 1]")
+        top_p = getattr(model_cfg, "top_p", 1.0)
+        bad = [f"model.{name} (--{name.replace('_', '-')}) is {value}: must be {rule}"
+               for name, value, ok, rule in (("temperature", model_cfg.temperature, model_cfg.temperature > 0, "> 0"),
+                                             ("top_k", model_cfg.top_k, model_cfg.top_k >= 0, ">= 0 (0: off)"),
+                                             ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1: off)")) if not ok]
+        if bad:
+            raise ConfigError("; ".join(bad))
         try:
             vq_run = restore_run(model_cfg.vq_run, checkpoint_name=model_cfg.vq_checkpoint)
         except FacegenError as error:
