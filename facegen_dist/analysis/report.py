@@ -150,6 +150,14 @@ def _table_html(rows: list[dict[str, str]]) -> str:
     return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
+def y_scale(series: dict[str, list[tuple[float, float]]], log_y: bool) -> str:
+    """log when asked and every value is positive; symlog when some are not (a hinge generator
+    loss, -D(x_rec), goes negative, and a log axis would drop that line without a word)."""
+    if not log_y:
+        return "linear"
+    return "log" if all(y > 0 for points in series.values() for _, y in points) else "symlog"
+
+
 def _plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, path: Path, log_y: bool = False) -> bool:
     series = {name: points for name, points in series.items() if points}
     if not series:
@@ -166,7 +174,10 @@ def _plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str,
     axis.set_xlabel("images seen")
     axis.set_ylabel(ylabel)
     axis.set_title(title)
-    if log_y:
+    scale = y_scale(series, log_y)
+    if scale == "symlog":
+        axis.set_yscale("symlog", linthresh=1e-2)
+    elif scale == "log":
         axis.set_yscale("log")
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -176,7 +187,9 @@ def _plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str,
 
 
 def loss_series(run: RunFacts) -> dict[str, list[tuple[float, float]]]:
-    keys = sorted({key for row in run.rows for key in row if key.endswith("loss") and not key.startswith("eval/")})
+    """Every logged training objective: *loss keys, and the priors' nll (they log no *loss key)."""
+    keys = sorted({key for row in run.rows for key in row
+                   if (key.endswith("loss") or key.split("/")[-1] == "nll") and not key.startswith("eval/")})
     return {key: [(row["images_seen"], row[key]) for row in run.rows if key in row] for key in keys}
 
 
