@@ -5,7 +5,7 @@
                  non-saturating form; or hinge: -D)
 
 D scores real and fake images in separate forwards (BatchNorm statistics of a real-only and a
-fake-only batch, the same as the generator's phase sees; unlike VQ-GAN here, which concatenates).
+fake-only batch, the same as the generator's phase sees; the VQ-GAN's D does the same).
 The generator's phase reads D through the plain module, so D's DDP reducer is only used by D's
 own phase. The generator has an EMA copy, which draws the samples and the metrics.
 """

@@ -19,7 +19,7 @@ decoder phase of the same step, and each phase calls the other network through i
 module, so each network's DDP reducer only serves its own phase. The decoder is run on Z and
 Zp separately in both phases, so its BatchNorm statistics and Xr, Xp are the same in both; the
 encoder scores Xr and Xp in one forward of the concatenated batch (BatchNorm statistics of the
-pair, as VQ-GAN's discriminator here).
+pair, the same in both phases).
 """
 
 from __future__ import annotations
