@@ -32,6 +32,14 @@ COMMON = ["data.resolution=32", "train.batch_size=8", "log.wandb=off", "log.prog
 TINY_VQVAE2 = [*COMMON, "model.name=vqvae2", "model.channels=16", "model.res_blocks=1", "model.res_channels=8", "model.embed_dim=8",
                "model.num_codes=32", "model.downsample=4", "model.dead_code_steps=10", "optim.lr=2e-3", "optim.warmup_images=0"]
 
+# A tiny VQ-GAN at 32 px: f=4 (8x8 codes of 64), attention at 8x8, the tiny perceptual stand-in.
+TINY_VQGAN = [
+    "model.name=vqgan", "data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]", "model.attn_resolutions=[8]",
+    "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64", "model.perceptual=tiny", "model.disc_channels=16",
+    "model.disc_layers=2", "train.batch_size=8", "optim.lr=1e-3", "optim.warmup_images=0", "optim.schedule=constant",
+    "log.wandb=off", "log.progress=false", "log.num_grid_images=8", "data.num_workers=1",
+]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -206,13 +206,12 @@ def test_bad_forward_arguments():
 ])
 def test_bad_sampling_config_names_the_flag(override, match):
     # Checked before the VQ run is read, so a missing vq_run folder does not mask it.
-    from pathlib import Path
-
     from facegen_dist.config import load_config
     from facegen_dist.errors import ConfigError
     from facegen_dist.methods import build_method
+    from helpers import REPO
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "prior_vqgan_avatars64.yaml"
+    config = REPO / "configs" / "prior_vqgan_avatars64.yaml"
     cfg = load_config([str(config)], ["model.vq_run=runs/does-not-exist", override])
     with pytest.raises(ConfigError, match=match):
         build_method(cfg.model, cfg.data.resolution)

@@ -19,7 +19,7 @@ from facegen_dist.models.perceptual import PerceptualLoss
 from facegen_dist.models.vqgan import AttnBlock, ResnetBlock, VQGAN, group_count
 from facegen_dist.models.vqvae import VQVAE
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
-from helpers import free_port
+from helpers import TINY_VQGAN, free_port
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
 CH_MULT = {4: (1, 2, 2), 8: (1, 1, 2, 2)}  # downsampling factor -> channel multipliers
@@ -360,11 +360,8 @@ def test_discriminator_phase_scores_the_fakes_as_the_generator_phase_read_them(n
     from facegen_dist.config import load_config
     from facegen_dist.methods import build_method
 
-    overrides = ["model.name=vqgan", "data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]",
-                 "model.attn_resolutions=[8]", "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64",
-                 "model.perceptual=tiny", "model.disc_channels=16", "model.disc_layers=2", f"model.disc_norm={norm}",
-                 "model.disc_start_images=0", "model.disc_loss=hinge"]
-    cfg = load_config([], overrides)
+    model = [o for o in TINY_VQGAN if o.startswith("model.")]
+    cfg = load_config([], [*model, f"model.disc_norm={norm}", "model.disc_start_images=0", "model.disc_loss=hinge"])
     method = build_method(cfg.model, 32)
     torch.manual_seed(0)
     modules = method.build_modules()

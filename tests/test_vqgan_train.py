@@ -8,17 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, _env, accelerate_command, kill9_after_first_checkpoint, read_metrics, run_facegen, run_train, start_train
+from helpers import REPO, TINY_VQGAN, _env, accelerate_command, kill9_after_first_checkpoint, read_metrics, run_facegen, run_train, start_train
 
 pytestmark = pytest.mark.slow
-
-# A tiny VQ-GAN at 32 px: f=4 (8x8 codes of 64), attention at 8x8, the tiny perceptual stand-in.
-TINY_VQGAN = [
-    "model.name=vqgan", "data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]", "model.attn_resolutions=[8]",
-    "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64", "model.perceptual=tiny", "model.disc_channels=16",
-    "model.disc_layers=2", "train.batch_size=8", "optim.lr=1e-3", "optim.warmup_images=0", "optim.schedule=constant",
-    "log.wandb=off", "log.progress=false", "log.num_grid_images=8", "data.num_workers=1",
-]
 
 
 def _assert_ok(result):

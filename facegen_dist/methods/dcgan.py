@@ -20,7 +20,7 @@ from torch import nn
 from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import Method, Phase, normal_latents, plain_module
 from facegen_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator
-from facegen_dist.models.gan_losses import discriminator_loss, generator_adversarial_loss
+from facegen_dist.models.gan_losses import discriminator_loss, generator_adversarial_loss, score_real_and_fake
 
 
 @dataclass
@@ -70,10 +70,7 @@ class DCGANMethod(Method):
         if phase == "discriminator":
             with torch.no_grad():
                 fake = plain_module(modules["generator"])(latents)
-            # Real and fake in separate forwards, as in the paper's code: with BatchNorm, D must see a
-            # fake-only batch here just as in the generator's phase, or G trains against other statistics.
-            logits_real = modules["discriminator"](images).float()
-            logits_fake = modules["discriminator"](fake.to(images.dtype)).float()
+            logits_real, logits_fake = score_real_and_fake(modules["discriminator"], images, fake)
             d_loss = discriminator_loss(logits_real, logits_fake, self.cfg.loss)
             return d_loss, {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
         logits_fake = plain_module(modules["discriminator"])(modules["generator"](latents)).float()

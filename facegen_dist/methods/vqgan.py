@@ -37,7 +37,7 @@ from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import Phase, plain_module
 from facegen_dist.methods.vqvae import VQVAEMethod
 from facegen_dist.models.discriminator import PatchDiscriminator
-from facegen_dist.models.gan_losses import adaptive_generator_weight, disc_factor, discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from facegen_dist.models.gan_losses import adaptive_generator_weight, disc_factor, discriminator_loss, feature_matching_loss, generator_adversarial_loss, score_real_and_fake
 from facegen_dist.models.vqgan import VQGAN, AttnBlock, Downsample, ResnetBlock, Upsample
 
 
@@ -190,12 +190,7 @@ class VQGANMethod(VQVAEMethod):
         fake = next((fake for ref, fake in self._fakes if ref() is images), None)
         if fake is None:
             raise RuntimeError("vqgan: the discriminator phase ran on a batch the generator phase of this step did not see")
-        # Real and fake in separate forwards, as taming does (and the DCGAN here): with BatchNorm, D
-        # must score a fake-only batch here just as in the generator's phase. One concatenated
-        # batch normalised fakes with mixed statistics here and with fake-only ones in G's phase:
-        # G then read D(x_rec) ~ +0.3 where D's own phase scored the same images ~ -3.2.
-        logits_real = modules["discriminator"](images).float()
-        logits_fake = modules["discriminator"](fake.to(images.dtype)).float()
+        logits_real, logits_fake = score_real_and_fake(modules["discriminator"], images, fake)
         d_loss = discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
         loss = disc_factor(self._images_seen, cfg.disc_start_images, cfg.disc_factor) * d_loss
         return loss, {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
