@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from facegen_dist.data.make_avatars import make_avatar_dataset
 from facegen_dist.data.pipeline import StreamSpec, make_train_loader
 from facegen_dist.data.shards import split_shards
+from facegen_dist.dist.teardown import end_without_teardown
 
 CPU_CONFIGS = ["vae_avatars64", "vqvae2_avatars64", "vqgan_avatars64", "dcgan_avatars64", "introvae_avatars64"]
 SMOKE = {
@@ -133,7 +134,9 @@ def allreduce_worker(rank: int, world: int, port: int, sizes: dict[str, int], re
         seconds[name], _ = best_of(lambda: dist.all_reduce(buffer), device, repeats)
     if rank == 0:
         Path(out).write_text(json.dumps({"backend": backend, "seconds": seconds}))
+    dist.barrier()
     dist.destroy_process_group()
+    end_without_teardown(0)  # gloo's threads can abort the interpreter's teardown
 
 
 def measure_allreduce(sizes: dict[str, int], repeats: int) -> dict:

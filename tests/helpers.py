@@ -47,6 +47,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def leave_two_rank_group(rank: int, rank1_done, queue) -> None:
+    """End a spawned gloo worker of a two-rank test once it has put its result on `queue`.
+
+    Rank 0 hosts the TCP store, so it leaves last; each process then ends without the interpreter's
+    teardown, which gloo's threads can abort (facegen_dist.dist.teardown), after `queue` is flushed.
+    """
+    import torch.distributed as dist
+
+    from facegen_dist.dist.teardown import end_without_teardown
+
+    dist.barrier()
+    if rank == 0:
+        rank1_done.wait(timeout=60)
+    dist.destroy_process_group()
+    if rank == 1:
+        rank1_done.set()
+    queue.close()
+    queue.join_thread()  # the result reaches the pipe before os._exit
+    end_without_teardown(0)
+
+
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
 
 

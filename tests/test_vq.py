@@ -12,7 +12,7 @@ from facegen_dist.errors import ConfigError
 from facegen_dist.methods import build_method
 from facegen_dist.models.quantizer import VectorQuantizer
 from facegen_dist.models.vqvae import VQVAE, VQVAE2
-from helpers import free_port
+from helpers import free_port, leave_two_rank_group
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
 
@@ -142,12 +142,7 @@ def _quantizer_rank(rank: int, port: int, update: str, queue, rank1_done) -> Non
         optimizer.step()
         optimizer.zero_grad()
     queue.put((rank, {k: v.numpy().copy() for k, v in quantizer.state_dict().items()}))  # numpy: pickled by value
-    dist.barrier()
-    if rank == 0:  # rank 0 hosts the TCP store: leaving first can abort rank 1's teardown
-        rank1_done.wait(timeout=60)
-    dist.destroy_process_group()
-    if rank == 1:
-        rank1_done.set()
+    leave_two_rank_group(rank, rank1_done, queue)
 
 
 @pytest.mark.parametrize("update", ["ema", "loss"])

@@ -19,7 +19,7 @@ from facegen_dist.models.perceptual import PerceptualLoss
 from facegen_dist.models.vqgan import AttnBlock, ResnetBlock, VQGAN, group_count
 from facegen_dist.models.vqvae import VQVAE
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
-from helpers import TINY_VQGAN, free_port
+from helpers import TINY_VQGAN, free_port, leave_two_rank_group
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
 CH_MULT = {4: (1, 2, 2), 8: (1, 1, 2, 2)}  # downsampling factor -> channel multipliers
@@ -211,12 +211,7 @@ def _actnorm_rank(rank: int, port: int, queue, rank1_done) -> None:
     norm = ActNorm(4)
     norm(data)
     queue.put((rank, data.numpy().copy(), norm.loc.detach().numpy().copy(), norm.scale.detach().numpy().copy()))
-    dist.barrier()
-    if rank == 0:
-        rank1_done.wait(timeout=60)
-    dist.destroy_process_group()
-    if rank == 1:
-        rank1_done.set()
+    leave_two_rank_group(rank, rank1_done, queue)
 
 
 @pytest.mark.slow
