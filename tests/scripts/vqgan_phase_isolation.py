@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from facegen_dist.config import load_config
+from facegen_dist.dist.teardown import end_without_teardown
 from facegen_dist.train.loop import Trainer
 
 
@@ -61,8 +62,10 @@ def main() -> None:
         **record,
     }
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
+    acc.wait_for_everyone()
     acc.end_training()
 
 
 if __name__ == "__main__":
     main()
+    end_without_teardown(0)  # gloo's threads can abort the interpreter's teardown (facegen_dist.dist.teardown)
