@@ -62,6 +62,8 @@ class TrainConfig:
     sample_every_images: int = 16_000
     ckpt_every_images: int = 16_000
     keep_checkpoints: int = 3
+    # Stop (exit non-zero, no checkpoint of that stretch) when this many steps in a row were non-finite; 0 = never.
+    dead_run_steps: int = 50
     # CPU training only: torch threads per process; 0 = this machine's cores / local processes.
     # (`accelerate launch` without --cpu sets OMP_NUM_THREADS=1, which idles all but one core.)
     cpu_threads: int = 0
@@ -152,19 +154,43 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"overrides: {_one_line(error)}") from None
 
 
-def load_config(config_files: list[str] | None = None, overrides: list[str] | None = None) -> DictConfig:
+def _read_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file '{path}'")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 — YAML syntax errors
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(error)})") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, data:, model:, ...), not a list")
+    return layer
+
+
+def _refuse_interpolations(tree: Any, path: str, prefix: str = "") -> None:
+    """A run folder's config.yaml was written resolved: an interpolation there (e.g. ${oc.env:SECRET}) was put in by hand."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{path}: {prefix}{key} holds an interpolation ('{value}'); a run folder's config is never resolved")
+        _refuse_interpolations(value, path, f"{prefix}{key}.")
+
+
+def load_run_config(config_path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """A run folder's config.yaml: no interpolation resolved, no plugin imported unless `overrides` names it."""
+    return load_config([str(config_path)], overrides, from_run_folder=True)
+
+
+def load_config(config_files: list[str] | None = None, overrides: list[str] | None = None, from_run_folder: bool = False) -> DictConfig:
     """Schema defaults <- each YAML file in order <- dotted overrides; validated."""
     merged = OmegaConf.structured(Config)
     OmegaConf.set_struct(merged, True)
     OmegaConf.set_struct(merged.model, False)  # checked against the method's own schema below
-    layers = []
-    for path in config_files or []:
-        if not os.path.isfile(path):
-            raise ConfigError(f"--config: no such file '{path}'")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as error:  # noqa: BLE001 — YAML syntax errors
-            raise ConfigError(f"{path}: not valid YAML ({_one_line(error)})") from None
+    layers = [_read_yaml(path) for path in config_files or []]
+    if from_run_folder:
+        for layer in layers:
+            _refuse_interpolations(OmegaConf.to_container(layer, resolve=False), config_files[0])
+            if isinstance(layer.get("eval"), DictConfig) and "plugins" in layer.eval:
+                layer.eval.plugins = []  # modules are imported only when the current command line names them
     layers.append(_parse_overrides(overrides or []))
     for layer in layers:
         try:
@@ -212,6 +238,7 @@ def _validate(cfg: DictConfig) -> None:
     _require(train.batch_size > 0, "train.batch_size: must be > 0")
     _require(train.grad_accum > 0, "train.grad_accum: must be > 0")
     _require(train.keep_checkpoints > 0, "train.keep_checkpoints: must be > 0")
+    _require(train.dead_run_steps >= 0, "train.dead_run_steps: must be >= 0 (0 = never stop a run for non-finite steps)")
     _require(train.cpu_threads >= 0, "train.cpu_threads: must be >= 0 (0 = cores / local processes)")
     for key in ("log_every_images", "sample_every_images", "ckpt_every_images"):
         _require(train[key] > 0, f"train.{key}: must be > 0")
@@ -219,14 +246,15 @@ def _validate(cfg: DictConfig) -> None:
     _require(train.grad_clip >= 0, "train.grad_clip: must be >= 0 (0 disables clipping)")
     _require(optim.schedule in ("constant", "cosine"), f"optim.schedule: '{optim.schedule}' is not one of constant, cosine")
     _require(len(optim.betas) == 2, "optim.betas: needs two values, e.g. [0.9, 0.999]")
-    _require(optim.lr > 0, "optim.lr: must be > 0")
+    _require(0 < optim.lr <= 10, f"optim.lr: {optim.lr:g} is not an AdamW learning rate (expected 0 < lr <= 10)")
     _require(data.resolution >= 8 and data.resolution & (data.resolution - 1) == 0, f"data.resolution: {data.resolution} is not a power of two >= 8")
     _require(data.num_workers >= 0, "data.num_workers: must be >= 0")
     _require(data.shuffle_group >= 1, "data.shuffle_group: must be >= 1")
     _require(cfg.eval.num_samples >= 2 and cfg.eval.batch_size >= 1, "eval.num_samples must be >= 2 and eval.batch_size >= 1")
     _require(cfg.eval.every_images >= 0, "eval.every_images: must be >= 0 (0 = off)")
     _require(cfg.log.wandb in ("online", "offline", "off"), f"log.wandb: '{cfg.log.wandb}' is not one of online, offline, off")
-    _require(bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name: '{cfg.run.name}' must be a plain folder name")
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
+             f"run.name: '{cfg.run.name}' must be a plain folder name inside run.dir")
     if data.path.startswith(EMBEDDED_PREFIX):
         name = data.path[len(EMBEDDED_PREFIX):]
         _require(name in EMBEDDED_DATASETS, f"data.path: unknown embedded dataset '{name}'; one of {sorted(EMBEDDED_DATASETS)}")

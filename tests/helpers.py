@@ -136,14 +136,43 @@ def start_train(cwd: Path, *args: str, num_processes: int = 2, strategy: str | N
 
 def kill9_after_first_checkpoint(launch: subprocess.Popen, run_dir: Path, timeout: float = 300) -> None:
     """Wait for the run's first checkpoint, then SIGKILL the launcher and every rank, with no chance to clean up."""
-    import signal
     import time
 
     deadline = time.time() + timeout
     while not list((run_dir / "checkpoints").glob("ckpt-*")) and launch.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert launch.poll() is None, "training ended before the test could kill it:\n" + launch.stdout.read()[-3000:]
+    kill9_tree(launch)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill9_tree(launch: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process below it. torchrun starts each rank in a session of its own,
+    so killing the launcher's process group alone leaves the ranks training on as orphans."""
+    import signal
+
+    pids = _descendants(launch.pid)
     os.killpg(launch.pid, signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     launch.wait(timeout=60)
 
 

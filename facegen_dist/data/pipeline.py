@@ -48,7 +48,10 @@ class StreamSpec:
     rank: int = 0
     world_size: int = 1
     num_workers: int = 0
-    start_batch: int = 0  # batches this rank has already consumed
+    start_batch: int = 0  # batches this rank has already consumed since `sequence_offset`
+    # Where in the endless shard sequence this layout of slots begins (> 0 after a resume on another
+    # world size, worker count, batch or shuffle group: see `continue_after`).
+    sequence_offset: int = 0
     shuffle_group: int = 4
     hflip: bool = True
     # (name, vocabulary) pairs: when given, batches carry "labels" int64 [B, A] (value index, -1 if absent).
@@ -74,9 +77,9 @@ def decode_image(payload: bytes, resolution: int) -> np.ndarray:
 class ShardSchedule:
     """Which shards slot `slot` of `num_slots` reads, group by group."""
 
-    def __init__(self, shard_counts: list[int], seed: int, slot: int, num_slots: int, shuffle_group: int):
+    def __init__(self, shard_counts: list[int], seed: int, slot: int, num_slots: int, shuffle_group: int, offset: int = 0):
         self.shard_counts = shard_counts
-        self.seed, self.slot, self.num_slots, self.shuffle_group = seed, slot, num_slots, shuffle_group
+        self.seed, self.slot, self.num_slots, self.shuffle_group, self.offset = seed, slot, num_slots, shuffle_group, offset
 
     @lru_cache(maxsize=8)
     def _pass_order(self, pass_index: int) -> np.ndarray:
@@ -86,9 +89,13 @@ class ShardSchedule:
         pass_index, within = divmod(sequence_index, len(self.shard_counts))
         return int(self._pass_order(pass_index)[within])
 
-    def group(self, group_index: int) -> list[int]:
+    def sequence_indices(self, group_index: int) -> list[int]:
+        """Positions in the endless shard sequence of the group's shards."""
         first = group_index * self.shuffle_group
-        return [self._shard_at((first + j) * self.num_slots + self.slot) for j in range(self.shuffle_group)]
+        return [self.offset + (first + j) * self.num_slots + self.slot for j in range(self.shuffle_group)]
+
+    def group(self, group_index: int) -> list[int]:
+        return [self._shard_at(index) for index in self.sequence_indices(group_index)]
 
     def group_size(self, group_index: int) -> int:
         return sum(self.shard_counts[s] for s in self.group(group_index))
@@ -102,6 +109,38 @@ class ShardSchedule:
                 return group_index, position
             position -= size
             group_index += 1
+
+
+def slot_positions(spec: StreamSpec) -> list[tuple[int, int]]:
+    """(slot, samples it has delivered) for every slot of `spec`'s layout after each rank consumed `spec.start_batch` batches."""
+    workers = max(1, spec.num_workers)
+    positions = []
+    for rank in range(spec.world_size):
+        for logical in range(workers):
+            done = (spec.start_batch - logical + workers - 1) // workers if spec.start_batch > logical else 0
+            positions.append((rank * workers + logical, done * spec.batch_size))
+    return positions
+
+
+def continue_after(old: StreamSpec) -> tuple[int, int]:
+    """Where a new slot layout continues a stream read by `old`'s layout: (sequence offset, images skipped).
+
+    The new layout starts at the first shard position that no old slot had begun, so nothing read
+    is read again; the unread rest of the shards in flight (their groups were partly delivered, or
+    a slot had not reached them) is skipped, and counted here.
+    """
+    counts = [s.num_samples for s in old.shards]
+    num_slots = old.world_size * max(1, old.num_workers)
+    begun_until, delivered = old.sequence_offset, 0
+    for slot, position in slot_positions(old):
+        schedule = ShardSchedule(counts, old.seed, slot, num_slots, old.shuffle_group, old.sequence_offset)
+        group_index, offset = schedule.locate(position)
+        last_begun = group_index if offset > 0 else group_index - 1
+        if last_begun >= 0:
+            begun_until = max(begun_until, schedule.sequence_indices(last_begun)[-1] + 1)
+        delivered += position
+    spanned = sum(counts[ShardSchedule(counts, old.seed, 0, 1, 1)._shard_at(i)] for i in range(old.sequence_offset, begun_until))
+    return begun_until, spanned - delivered
 
 
 def attribute_labels(values: dict, attributes: tuple[tuple[str, tuple[str, ...]], ...]) -> np.ndarray:
@@ -124,11 +163,14 @@ class ShardStream(IterableDataset):
             raise DataError("no shards to read")
         self.spec = spec
 
+    def _worker_index(self) -> int:
+        info = get_worker_info()
+        return info.id if info is not None else 0
+
     def _worker_plan(self) -> tuple[int, int, int]:
         """(slot, number of slots, first position) for the current DataLoader worker."""
         spec = self.spec
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = self._worker_index()
         workers = max(1, spec.num_workers)
         logical = (worker + spec.start_batch) % workers
         done = (spec.start_batch - logical + workers - 1) // workers if spec.start_batch > logical else 0
@@ -139,7 +181,7 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         spec = self.spec
         slot, num_slots, position = self._worker_plan()
-        schedule = ShardSchedule([s.num_samples for s in spec.shards], spec.seed, slot, num_slots, spec.shuffle_group)
+        schedule = ShardSchedule([s.num_samples for s in spec.shards], spec.seed, slot, num_slots, spec.shuffle_group, spec.sequence_offset)
         samples = self._samples(schedule, slot, position)
         while True:
             images, labels, bad = [], [], 0

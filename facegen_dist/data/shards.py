@@ -132,7 +132,14 @@ def split_shards(shard_dir: str | os.PathLike, split: str) -> list[ShardInfo]:
     if split not in splits or not splits[split]["shards"]:
         raise DataError(f"{shard_dir}: manifest has no '{split}' shards (splits: {sorted(splits)})")
     root = Path(shard_dir).resolve()
-    return [ShardInfo(str(root / entry["file"]), int(entry["num_samples"])) for entry in splits[split]["shards"]]
+    shards = []
+    for entry in splits[split]["shards"]:
+        count = entry.get("num_samples")
+        if not isinstance(count, int) or count <= 0:
+            # The stream locates positions by these counts: a zero would make it search forever.
+            raise DataError(f"{shard_dir}: manifest gives {entry.get('file')} a sample count of {count!r}; run `facegen data verify {shard_dir}`")
+        shards.append(ShardInfo(str(root / entry["file"]), count))
+    return shards
 
 
 class ShardReadError(Exception):

@@ -1,55 +1,147 @@
-"""Atomic checkpoints: accelerate writes into a temp folder, rank 0 renames it into place.
+"""Atomic checkpoints that prove themselves: written to a temp folder, listed in a manifest, renamed into place.
 
-`accelerator.save_state` writes modules, optimizers, grad scaler, registered objects (EMA)
-and each rank's RNG states, and works for DDP and DeepSpeed alike, but it is not atomic.
-Under DeepSpeed we add model*.safetensors (full weights) beside the engine's own files.
-So it writes `.tmp-ckpt-N/`; when every rank is done, rank 0 adds `trainer_state.json`
-(images seen, data position, counters) and renames the folder to `ckpt-N/`. Only folders
-named `ckpt-*` with a trainer_state.json count: a crash at any moment leaves the previous
-checkpoint as the newest valid one.
+`accelerator.save_state` writes modules, optimizers, grad scaler and each rank's RNG states (DDP
+and DeepSpeed alike) into `.tmp-ckpt-N/`. Rank 0 adds the EMA weights as `ema_<module>.safetensors`
+(not accelerate's pickled custom state: reading a run folder must never run code), full weights
+under DeepSpeed, `trainer_state.json`, and last `manifest.json` (every file's size and sha256),
+then renames the folder to `ckpt-N/`. On start, checkpoints are checked newest first against
+their manifest (`checkpoint_problem`); old ones are renamed away before they are deleted, so an
+interrupted deletion never leaves a folder that counts.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from facegen_dist.errors import FacegenError
 from facegen_dist.train.strategy import deepspeed_weights_for_inference
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 PREFIX = "ckpt-"
+FORMAT = 2  # 2: manifest + EMA safetensors; checkpoints without the key are the first format (no manifest)
+REQUIRED_STATE = ("step", "images_seen", "batches_consumed")
 
 
 def checkpoint_name(images_seen: int) -> str:
     return f"{PREFIX}{images_seen:012d}"
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Valid checkpoints, oldest first."""
+def checkpoint_folders(root: Path) -> list[Path]:
+    """Every `ckpt-*` folder, complete or not, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Folders that look complete (a trainer_state.json), oldest first; `checkpoint_problem` says whether they are sound."""
+    return [p for p in checkpoint_folders(root) if (p / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    for path in reversed(list_checkpoints(root)):
-        try:
-            json.loads((path / STATE_FILE).read_text())
-            return path
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
+    """The newest checkpoint whose state and file sizes match its manifest (readers: sampling, evaluation, suites)."""
+    return next((p for p in reversed(list_checkpoints(root)) if checkpoint_problem(p, hashes=False) is None), None)
 
 
 def read_trainer_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(folder: Path, images_seen: int) -> None:
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _files(folder)}
+    _write_json_synced(folder / MANIFEST_FILE, {"format": FORMAT, "images_seen": images_seen, "files": files})
+
+
+def _trainer_state_problem(folder: Path) -> tuple[dict | None, str | None]:
+    try:
+        state = read_trainer_state(folder)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"{STATE_FILE} unreadable ({type(error).__name__})"
+    if not isinstance(state, dict):
+        return None, f"{STATE_FILE} is not a JSON object"
+    missing = [key for key in REQUIRED_STATE if not isinstance(state.get(key), int) or state[key] < 0]
+    if missing:
+        return None, f"{STATE_FILE} lacks a valid {', '.join(missing)}"
+    return state, None
+
+
+def checkpoint_problem(folder: Path, hashes: bool = True) -> str | None:
+    """Why `folder` is not a checkpoint to resume from, or None. `hashes=False` checks sizes only (cheap)."""
+    state, problem = _trainer_state_problem(folder)
+    if problem:
+        return problem
+    if state.get("checkpoint_format", 1) < FORMAT:
+        return None  # first format: no manifest to check against; a load failure still rejects it
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        listed = manifest["files"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST_FILE} missing or unreadable"
+    if manifest.get("images_seen") != state["images_seen"]:
+        return f"{MANIFEST_FILE} is for {manifest.get('images_seen')} images, {STATE_FILE} for {state['images_seen']}"
+    for name, expected in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} is {path.stat().st_size} bytes, the manifest says {expected['size']}"
+        if hashes and sha256_of(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def assert_finite(modules: dict[str, torch.nn.Module]) -> None:
+    for name, module in modules.items():
+        for param_name, param in module.named_parameters():
+            if not torch.isfinite(param).all():
+                raise FacegenError(f"refusing to checkpoint: {name}.{param_name} holds NaN/inf")
+
+
+def ema_file(name: str) -> str:
+    return f"ema_{name}.safetensors"
+
+
+def save_ema(folder: Path, emas: dict) -> None:
+    for name, ema in emas.items():
+        # clone: safetensors refuses tensors that share storage; the EMA's own counters are tensors too
+        save_file({key: value.detach().cpu().clone().contiguous() for key, value in ema.state_dict().items()}, str(folder / ema_file(name)))
+
+
+def load_ema_state(folder: Path, name: str, index: int) -> dict[str, torch.Tensor]:
+    """The EMA state of module `name` (index: its place in ema_modules(), for first-format checkpoints)."""
+    path = folder / ema_file(name)
+    if path.is_file():
+        return load_file(str(path))
+    legacy = folder / f"custom_checkpoint_{index}.pkl"  # first format: accelerate's pickle of a tensor dict
+    return torch.load(legacy, map_location="cpu", weights_only=True)
+
+
+def _write_json_synced(path: Path, payload: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,14 +152,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def assert_finite(modules: dict[str, torch.nn.Module]) -> None:
-    for name, module in modules.items():
-        for param_name, param in module.named_parameters():
-            if not torch.isfinite(param).all():
-                raise FacegenError(f"refusing to checkpoint: {name}.{param_name} holds NaN/inf")
+def remove_checkpoint(folder: Path) -> None:
+    """Rename first (atomic), then delete: a deletion cut short leaves a `.del-` folder, never a `ckpt-` one."""
+    doomed = folder.with_name(f".del-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, modules: dict[str, torch.nn.Module]) -> Path:
+def _no_space(error: BaseException) -> bool:
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text or "iostream error" in text
+
+
+def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, modules: dict[str, torch.nn.Module], emas: dict) -> Path:
     """Write a checkpoint for `trainer_state['images_seen']`; every rank must call this."""
     assert_finite(modules)
     name = checkpoint_name(trainer_state["images_seen"])
@@ -76,23 +174,31 @@ def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, mod
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    full_weights = deepspeed_weights_for_inference(accelerator, modules)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        full_weights = deepspeed_weights_for_inference(accelerator, modules)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # DeepSpeed's save_state writes its own engine files; add the model.safetensors files a DDP
+            # checkpoint has, so that sampling, evaluation and code extraction read every run alike.
+            for index, weights in enumerate(full_weights or []):
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"model{'' if index == 0 else f'_{index}'}.safetensors"))
+            save_ema(tmp, emas)
+            _write_json_synced(tmp / STATE_FILE, {**trainer_state, "checkpoint_format": FORMAT})
+            write_manifest(tmp, trainer_state["images_seen"])
+    except (OSError, RuntimeError) as error:
+        if _no_space(error):
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = list_checkpoints(root)
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise FacegenError(f"no space left on {root} while writing {name}; {kept}: free space and rerun the same command") from None
+        raise
     if accelerator.is_main_process:
-        # DeepSpeed's save_state writes its own engine files; add the model.safetensors files a DDP
-        # checkpoint has, so that sampling, evaluation and code extraction read every run alike.
-        for index, weights in enumerate(full_weights or []):
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"model{'' if index == 0 else f'_{index}'}.safetensors"))
-        with open(tmp / STATE_FILE, "w") as handle:
-            json.dump(trainer_state, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final

@@ -13,8 +13,9 @@ import json
 import math
 import os
 import resource
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ from omegaconf import OmegaConf
 from facegen_dist.config import to_dict, to_yaml
 from facegen_dist.data.codes import image_dir, is_code_dataset
 from facegen_dist.data.resolve import resolve_data_dir
-from facegen_dist.data.pipeline import StreamSpec, make_train_loader, read_images
+from facegen_dist.data.pipeline import StreamSpec, continue_after, make_train_loader, read_images
 from facegen_dist.data.shards import read_manifest, split_shards
 from facegen_dist.dist.sync import parameter_checksums
-from facegen_dist.errors import ConfigError
+from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
 from facegen_dist.eval.extractors import build_extractor
 from facegen_dist.eval.metrics import METRICS
@@ -39,7 +40,10 @@ from facegen_dist.log.stats import StatsCollector
 from facegen_dist.methods import build_method
 from facegen_dist.train import strategy
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
-from facegen_dist.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from facegen_dist.train.checkpoint import (
+    checkpoint_folders, checkpoint_problem, list_checkpoints, load_ema_state, read_trainer_state, save_checkpoint,
+)
+from facegen_dist.train.resume_checks import changed_shapes, non_finite_parameter
 from facegen_dist.train.preemption import PreemptionWatcher
 from facegen_dist.train.schedule import lr_factor
 
@@ -48,13 +52,17 @@ from facegen_dist.train.schedule import lr_factor
 class TrainerState:
     step: int = 0
     images_seen: int = 0
-    batches_consumed: int = 0  # per rank; the data stream's position
+    batches_consumed: int = 0  # per rank, since the data layout below began: the data stream's position
     skipped_steps: int = 0
     bad_samples: int = 0  # summed over ranks
     train_seconds: float = 0.0
     world_size: int = 1
     num_workers: int = 0
     wandb_run_id: str | None = None
+    # The data layout the stream position refers to (0: checkpoints before elastic resume, read as the current settings).
+    batch_size: int = 0
+    shuffle_group: int = 0
+    data_offset: int = 0  # where in the shard sequence this layout began (data.pipeline.continue_after)
 
 
 def phase_optimizer(phase, modules: dict[str, torch.nn.Module], cfg, **adamw_kwargs) -> torch.optim.AdamW:
@@ -137,15 +145,17 @@ class Trainer:
         self.modules = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(phase_names, prepared[len(names):]))
         for ema in self.ema.values():
-            ema.to(acc.device)
-            acc.register_for_checkpointing(ema)
+            ema.to(acc.device)  # saved as ema_<name>.safetensors by checkpoint.py, never pickled
 
         set_seed(cfg.run.seed, device_specific=True)  # per-rank noise; replaced by the checkpoint's on resume
-        self.state = TrainerState(world_size=acc.num_processes, num_workers=cfg.data.num_workers)
+        self.state = self._fresh_state()
         self._resume_notes: list[str] = []
-        self.resumed_from = self._maybe_resume()
         self.images_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-        self.total_steps = math.ceil(cfg.train.total_images / self.images_per_step)
+        self.resumed_from = self._resume()
+        # Counted in images, so a resume with another world size or batch still stops at the budget (to within one step).
+        remaining_steps = max(0, math.ceil((cfg.train.total_images - self.state.images_seen) / self.images_per_step))
+        self.final_images = self.state.images_seen + remaining_steps * self.images_per_step
+        self.dead_window = min(cfg.train.dead_run_steps, remaining_steps) if cfg.train.dead_run_steps > 0 else 0
         self.stats = StatsCollector()
         self.extractor = self._eval_extractor()
         self.logger = self._make_logger()
@@ -162,20 +172,86 @@ class Trainer:
         needs = [m for m in metrics if m in FEATURE_METRICS]
         return build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.image_dir).get("name")) if needs else None
 
-    def _maybe_resume(self) -> Path | None:
+    def _fresh_state(self) -> TrainerState:
+        cfg = self.cfg
+        return TrainerState(world_size=self.accelerator.num_processes, num_workers=cfg.data.num_workers, batch_size=cfg.train.batch_size,
+                            shuffle_group=cfg.data.shuffle_group)
+
+    def _resume(self) -> Path | None:
+        """Load the newest sound checkpoint, skipping damaged ones with one line each; refuse if there are some and none is sound."""
+        acc = self.accelerator
+        folders = checkpoint_folders(self.ckpt_root)
+        rejected = []
+        for folder in reversed(folders):
+            problem = self._load_if_sound(folder)
+            if problem is None:
+                if rejected:
+                    self._resume_notes.append(f"resumed from an older checkpoint: {'; '.join(rejected)}")
+                return folder
+            rejected.append(f"{folder.name} skipped ({problem})")
+            if acc.is_main_process:
+                print(f"facegen: warning: checkpoint {folder} skipped: {problem}", file=sys.stderr, flush=True)
+        if folders:
+            raise FacegenError(f"{self.ckpt_root}: none of its {len(folders)} checkpoints can be resumed ({'; '.join(rejected)}); "
+                               f"move the folder away to start from scratch")
+        return None
+
+    def _agree(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank (one all-reduce)."""
+        failures = torch.tensor([0.0 if ok else 1.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(failures, reduction="sum").item()) == 0.0
+
+    def _load_if_sound(self, folder: Path) -> str | None:
+        """Why `folder` cannot be resumed from (every rank returns the same answer), or None once it is loaded."""
+        acc = self.accelerator
+        problem = checkpoint_problem(folder, hashes=acc.is_main_process)  # sha256 on one rank; sizes everywhere
+        if not self._agree(problem is None):
+            return problem or "its files do not match the manifest on another rank"
+        saved = read_trainer_state(folder)
+        if not self.deepspeed:
+            changed = changed_shapes(self.modules, folder, acc.unwrap_model)
+            if changed:  # a config change, not damage: older checkpoints have the same shapes
+                raise ConfigError(f"{folder}: the model's shape differs from the checkpoint's ({changed}); resume with the run's own model.* settings")
+        elif saved.get("world_size", acc.num_processes) != acc.num_processes:
+            raise ConfigError(f"{folder}: a DeepSpeed checkpoint written by {saved['world_size']} processes cannot be resumed by "
+                              f"{acc.num_processes} (its optimizer state is partitioned per rank); resume with {saved['world_size']} processes")
+        try:
+            acc.load_state(str(folder))
+            for index, (name, ema) in enumerate(self.ema.items()):
+                ema.load_state_dict(load_ema_state(folder, name, index))
+            problem = non_finite_parameter({**self.modules, **{f"ema:{n}": e.ema_model for n, e in self.ema.items()}})
+        except Exception as error:  # noqa: BLE001 — safetensors, torch and DeepSpeed raise many types for damaged files
+            problem = f"loading failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        if not self._agree(problem is None):
+            return problem or "loading failed on another rank"
+        self._continue_state(saved, folder)
+        return None
+
+    def _continue_state(self, saved: dict, folder: Path) -> None:
+        """The trainer state to go on from; a new data layout when world size, workers, batch or shuffle group changed."""
         acc, cfg = self.accelerator, self.cfg
-        checkpoint = latest_checkpoint(self.ckpt_root)
-        if checkpoint is None:
-            return None
-        acc.load_state(str(checkpoint))
-        saved = read_trainer_state(checkpoint)
-        previous = TrainerState(**saved)
-        notes = []
-        if (previous.world_size, previous.num_workers) != (acc.num_processes, cfg.data.num_workers):
-            notes.append(f"world size/data workers changed from {previous.world_size}/{previous.num_workers}: the data order will differ from an uninterrupted run")
-        self.state = TrainerState(**{**saved, "world_size": acc.num_processes, "num_workers": cfg.data.num_workers})
-        self._resume_notes += notes
-        return checkpoint
+        known = {f.name for f in fields(TrainerState)}
+        previous = TrainerState(**{k: v for k, v in saved.items() if k in known})
+        previous.batch_size = previous.batch_size or cfg.train.batch_size
+        previous.shuffle_group = previous.shuffle_group or cfg.data.shuffle_group
+        state = self.state = TrainerState(**{**asdict(previous), "world_size": acc.num_processes, "num_workers": cfg.data.num_workers,
+                                             "batch_size": cfg.train.batch_size, "shuffle_group": cfg.data.shuffle_group})
+        old_layout = (previous.world_size, previous.num_workers, previous.batch_size, previous.shuffle_group)
+        new_layout = (acc.num_processes, cfg.data.num_workers, cfg.train.batch_size, cfg.data.shuffle_group)
+        if old_layout == new_layout:
+            return  # the stream continues exactly where it stopped
+        old_stream = StreamSpec(tuple(self.train_shards), cfg.data.resolution, previous.batch_size, seed=cfg.run.seed,
+                                world_size=previous.world_size, num_workers=previous.num_workers, start_batch=previous.batches_consumed,
+                                shuffle_group=previous.shuffle_group, sequence_offset=previous.data_offset)
+        state.data_offset, skipped = continue_after(old_stream)
+        state.batches_consumed = 0
+        names = "processes x data workers x batch x shuffle group"
+        self._resume_notes.append(
+            f"data layout changed ({names}: {' x '.join(map(str, old_layout))} -> {' x '.join(map(str, new_layout))}): the stream goes on "
+            f"at shard position {state.data_offset}, after every shard already begun; no image read is read again in this pass, "
+            f"{skipped} unread images of the shards in flight are skipped")
+        if acc.num_processes > previous.world_size:
+            self._resume_notes.append(f"ranks {previous.world_size}..{acc.num_processes - 1} had no RNG state in {folder.name}: they start with fresh noise")
 
     def _make_logger(self):
         acc, cfg = self.accelerator, self.cfg
@@ -191,7 +267,7 @@ class Trainer:
         config_path.write_text(to_yaml(cfg))
         truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         logger = RunLogger(
-            self.run_dir, to_dict(cfg), total_images=self.total_steps * self.images_per_step, images_seen=self.state.images_seen,
+            self.run_dir, to_dict(cfg), total_images=self.final_images, images_seen=self.state.images_seen,
             wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_run_id=self.state.wandb_run_id, progress=cfg.log.progress,
         )
         self.state.wandb_run_id = logger.wandb_run_id
@@ -280,12 +356,16 @@ class Trainer:
         active = [phase for phase in self.phases if self.method.phase_active(phase.name, self.state.images_seen)]
         ok = all([self._run_phase(phase, micro_batches) for phase in active])
         if ok:
+            self._skip_streak = 0
             for name, ema in self.ema.items():
                 with strategy.full_parameters(self.accelerator, self.modules[name]):
                     ema.update()
         else:
             self.state.skipped_steps += 1
+            self._skip_streak += 1
             self.logger.write(f"facegen: warning: non-finite loss or gradient at step {self.state.step}; step skipped ({self.state.skipped_steps} so far)")
+            if self.dead_window and self._skip_streak >= self.dead_window:  # the same on every rank: the decision is
+                self._stop_dead_run()
         self.state.step += 1
         self.state.images_seen += self.images_per_step
         self.state.batches_consumed += cfg.train.grad_accum
@@ -359,14 +439,22 @@ class Trainer:
     def _checkpoint(self) -> Path:
         self.state.train_seconds += time.perf_counter() - self._segment_start
         self._segment_start = time.perf_counter()
-        return save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules)
+        return save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules, self.ema)
+
+    def _stop_dead_run(self) -> None:
+        """Every rank raises at the same step (skips are decided on all-reduced gradients); no checkpoint of this stretch is written."""
+        newest = list_checkpoints(self.ckpt_root)
+        kept = f"the newest checkpoint, {newest[-1]}, is untouched" if newest else "no checkpoint was written"
+        raise FacegenError(
+            f"dead run: the last {self._skip_streak} steps were all non-finite (NaN/inf loss or gradient), up to step {self.state.step} "
+            f"at {self.state.images_seen} images; {kept}. Lower optim.lr, check the data, or try train.precision=no")
 
     def _stop_for_preemption(self, checkpoint: Path | None) -> dict:
         """Every rank is here at the same step: checkpoint (unless this step already wrote one) and stop."""
         checkpoint = checkpoint or self._checkpoint()
         state, signal_name = self.state, self.preemption.signal_name or "a preemption signal"
         self.logger.write(
-            f"facegen: {signal_name} received: stopped after step {state.step} at {state.images_seen} of {self.total_steps * self.images_per_step} images; "
+            f"facegen: {signal_name} received: stopped after step {state.step} at {state.images_seen} of {self.final_images} images; "
             f"checkpoint {checkpoint}; the same command resumes from it"
         )
         self.logger.close()
@@ -376,13 +464,14 @@ class Trainer:
 
     def fit(self) -> dict:
         acc, cfg, state = self.accelerator, self.cfg, self.state
-        self._bad_samples_local = 0
+        self._bad_samples_local, self._skip_streak = 0, 0
         self._segment_start = time.perf_counter()
         val_images = read_images(self.val_shards, cfg.log.num_grid_images, cfg.data.resolution)[0] if acc.is_main_process else None
         spec = StreamSpec(
             tuple(self.train_shards), cfg.data.resolution, cfg.train.batch_size, seed=cfg.run.seed,
             rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
             start_batch=state.batches_consumed, shuffle_group=cfg.data.shuffle_group, hflip=cfg.data.hflip, code_levels=self.code_levels,
+            sequence_offset=state.data_offset,
         )
         data_iter = iter(make_train_loader(spec, pin_memory=acc.device.type == "cuda"))
         try:
@@ -390,12 +479,12 @@ class Trainer:
                 module.train()
             last_row: dict = {}
             interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
-            while state.step < self.total_steps:
+            while state.images_seen < cfg.train.total_images:
                 interval_wait += self._train_step(data_iter)
                 interval_images += self.images_per_step
                 self.logger.advance(self.images_per_step)
                 seen, per_step = state.images_seen, self.images_per_step
-                final = state.step == self.total_steps
+                final = state.images_seen >= cfg.train.total_images
                 evaluated, eval_seconds = {}, 0.0
                 if cfg.eval.every_images and (_crossed(seen, per_step, cfg.eval.every_images) or final):
                     eval_start = time.perf_counter()
@@ -407,7 +496,9 @@ class Trainer:
                     interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
                 if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
                     self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
-                checkpoint = self._checkpoint() if _crossed(seen, per_step, cfg.train.ckpt_every_images) or final else None
+                # Not while non-finite steps are running: a dead stretch must not rotate good checkpoints out.
+                due = _crossed(seen, per_step, cfg.train.ckpt_every_images) and self._skip_streak == 0
+                checkpoint = self._checkpoint() if due or final else None
                 if not final and self.preemption.agreed(acc):
                     return self._stop_for_preemption(checkpoint)
         finally:
@@ -459,7 +550,7 @@ def run(cfg, preemption: PreemptionWatcher | None = None) -> dict:
         PartialState().destroy_process_group()
         raise
     try:
-        if trainer.state.step >= trainer.total_steps:
+        if trainer.state.images_seen >= cfg.train.total_images:
             trainer.logger.write(f"facegen: {trainer.run_dir} is already complete ({trainer.state.images_seen} images); nothing to do")
             trainer.logger.close()
             return {}

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model
 
-from facegen_dist.config import load_config
+from facegen_dist.config import load_run_config
 from facegen_dist.errors import FacegenError
 from facegen_dist.methods import Method, build_method
-from facegen_dist.train.checkpoint import STATE_FILE, latest_checkpoint, read_trainer_state
+from facegen_dist.train.checkpoint import checkpoint_problem, latest_checkpoint, load_ema_state, read_trainer_state
 
 
 @dataclass
@@ -31,24 +31,24 @@ def restore_run(run_dir: str | Path, overrides: list[str] | None = None, device:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FacegenError(f"--run {run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config([str(run_dir / "config.yaml")], overrides or [])
+    cfg = load_run_config(run_dir / "config.yaml", overrides or [])
     if checkpoint_name:
         checkpoint = run_dir / "checkpoints" / checkpoint_name
-        if not (checkpoint / STATE_FILE).is_file():
-            raise FacegenError(f"--run {run_dir}: no complete checkpoint named '{checkpoint_name}'")
+        problem = checkpoint_problem(checkpoint, hashes=False)
+        if problem:
+            raise FacegenError(f"--run {run_dir}: checkpoint '{checkpoint_name}' is not usable: {problem}")
     else:
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise FacegenError(f"--run {run_dir}: no checkpoint yet")
     method = build_method(cfg.model, cfg.data.resolution)
     modules = method.build_modules()
-    # accelerate's save_state names: model.safetensors, model_1.safetensors, ... in prepare() order;
-    # registered objects (our EMAs, in ema_modules() order) as custom_checkpoint_<i>.pkl.
+    # accelerate's save_state names: model.safetensors, model_1.safetensors, ... in prepare() order.
     for index, module in enumerate(modules.values()):
         load_model(module, str(checkpoint / f"model{'' if index == 0 else f'_{index}'}.safetensors"), device="cpu")
     ema_names = method.ema_modules() if use_ema else ()
     for index, name in enumerate(ema_names):
-        state = torch.load(checkpoint / f"custom_checkpoint_{index}.pkl", map_location="cpu", weights_only=True)
+        state = load_ema_state(checkpoint, name, index)
         prefix = "ema_model."
         modules[name].load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
     for module in modules.values():

@@ -58,10 +58,18 @@ def build_accelerator(cfg) -> Accelerator:
         _allow_deepspeed_without_transformers()
         if not torch.cuda.is_available():
             kwargs["backend"] = "gloo"  # DeepSpeed's CPU accelerator would ask for oneCCL otherwise
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if cfg.train.precision not in ("auto", launcher_precision) and launcher_precision != "no":
+        raise ConfigError(f"train.precision={cfg.train.precision} but the launcher asked for --mixed_precision {launcher_precision}: "
+                          f"drop one, or set train.precision=auto to follow the launcher")
     accelerator = Accelerator(
         mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not is_deepspeed(accelerator):
+        # accelerate drops DeepSpeed silently when ACCELERATE_USE_CPU=true is set as well (seen with 1.15).
+        raise ConfigError("the accelerate config asks for DeepSpeed but accelerate set up "
+                          f"{accelerator.distributed_type.value.lower()} (ACCELERATE_USE_CPU=true drops DeepSpeed): unset ACCELERATE_USE_CPU")
     launched = int(os.environ.get("WORLD_SIZE") or accelerator.num_processes)  # what torchrun/accelerate launch started
     if launched != accelerator.num_processes or (launched > 1 and accelerator.distributed_type == DistributedType.NO):
         # Seen with configs/accelerate/fsdp.yaml on a machine without a GPU: the launcher starts the
