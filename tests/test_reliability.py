@@ -260,3 +260,32 @@ def test_elastic_resume_1_to_2_to_1_processes_with_a_batch_change_trains_exactly
             assert rows[index]["loss"] < 1.5 * rows[index - 1]["loss"], (rows[index - 1], rows[index])
     assert all(math.isfinite(row["loss"]) for row in rows)
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+
+
+def test_a_full_disk_says_so_in_one_line_and_the_same_command_resumes_after_space_is_freed(tiny_shards, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # ~1.1 MB per tiny checkpoint: the first fits, the second does not.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): needs root")
+    try:
+        args = [*RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={disk}", "run.name=d", "train.total_images=256", "log.num_grid_images=4"]
+        result = run_train(tmp_path, *args)
+        _one_line_error(result, f"no space left on {disk}/d/checkpoints", "ckpt-000000000064 is intact")
+        assert sorted(p.name for p in (disk / "d" / "checkpoints").iterdir()) == ["ckpt-000000000064"]
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        again = run_train(tmp_path, *args)
+        _ok(again)
+        assert "resumed from" in again.stderr and "ckpt-000000000064 at 64 images" in again.stderr
+        assert json.loads((disk / "d" / "summary.json").read_text())["images_seen"] == 256
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_deepspeed_config_dropped_by_accelerate_use_cpu_is_refused(tiny_shards, tmp_path):
+    command = accelerate_command(2, *RUN_ARGS, f"data.path={tiny_shards}", "train.total_images=64", strategy="ds_zero2")
+    result = subprocess.run(command, cwd=tmp_path, env=_env(use_cpu=True), capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("facegen: error:")]
+    assert result.returncode != 0 and errors and "unset ACCELERATE_USE_CPU" in errors[0], result.stderr[-3000:]
+    assert not (tmp_path / "runs" / "vae_avatars64" / "summary.json").exists()

@@ -60,9 +60,18 @@ class StreamSpec:
     code_levels: tuple[str, ...] = ()
 
 
+MAX_SOURCE_PIXELS = 4096 * 4096  # and at least 64x the target's pixels (FFHQ's 1024 px for 128 px training)
+
+
 def decode_image(payload: bytes, resolution: int) -> np.ndarray:
     """Encoded image -> uint8 HWC RGB, centre-cropped to a square and resized (Lanczos) to `resolution`."""
     with Image.open(io.BytesIO(payload)) as image:
+        # Refuse decompression bombs before decoding: the header gives the size for free.
+        if image.width * image.height > max(64 * resolution * resolution, MAX_SOURCE_PIXELS):
+            raise DataError(f"{image.width}x{image.height} image is too large for {resolution} px training")
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: convert("RGB") would clip at 255
+            scale = 257.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1.0
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / scale).round().clip(0, 255).astype(np.uint8))
         image = image.convert("RGB")
         width, height = image.size
         side = min(width, height)
@@ -222,11 +231,22 @@ class ShardStream(IterableDataset):
         try:
             image = self._decode_item(sample)
             if image is None:
+                self._report_bad(sample, "no image in the sample")
                 return None
             labels = attribute_labels(json.loads(sample["json"]) if "json" in sample else {}, self.spec.attributes) if self.spec.attributes else None
-        except Exception:  # noqa: BLE001 — PIL raises many types for damaged images, json for damaged labels
+        except Exception as error:  # noqa: BLE001 — PIL raises many types for damaged images, json for damaged labels
+            self._report_bad(sample, f"{type(error).__name__}: {str(error)[:120]}")
             return None
         return image, labels
+
+    def _report_bad(self, sample: dict, reason: str) -> None:
+        """One line per bad sample (key, shard, reason), the first time this process meets it."""
+        key = (sample.get("__url__", "?"), sample.get("__key__", "?"))
+        reported = self.__dict__.setdefault("_reported", set())
+        if key not in reported:
+            reported.add(key)
+            print(f"facegen: warning: bad sample {key[1]} in {key[0]} ({reason}); replaced by another sample of its shuffle block",
+                  file=sys.stderr, flush=True)
 
     def _samples(self, schedule: ShardSchedule, slot: int, position: int):
         """Yields (HWC uint8 image or codes, labels or None, 1 if it stands in for a bad sample else 0), endlessly."""

@@ -184,10 +184,19 @@ def verify_shards(shard_dir: str | os.PathLike) -> list[str]:
     for split, info in manifest["splits"].items():
         for entry in info["shards"]:
             path = Path(shard_dir) / entry["file"]
+            name, count = f"{split}/{entry['file']}", entry.get("num_samples")
             if not path.is_file():
-                problems.append(f"{split}/{entry['file']}: missing")
-            elif entry.get("sha256") and file_sha256(path) != entry["sha256"]:
-                problems.append(f"{split}/{entry['file']}: sha256 differs from the manifest (corrupt or rewritten)")
+                problems.append(f"{name}: missing")
+                continue
+            if not entry.get("sha256"):
+                problems.append(f"{name}: the manifest has no sha256 for it (cannot be checked)")
+            elif file_sha256(path) != entry["sha256"]:
+                problems.append(f"{name}: sha256 differs from the manifest (corrupt or rewritten)")
+            samples, damage = read_shard(str(path))
+            if damage:
+                problems.append(f"{name}: {damage}")
+            if not isinstance(count, int) or count <= 0 or len(samples) != count:
+                problems.append(f"{name}: holds {len(samples)} samples, the manifest says {count!r}")
     return problems
 
 

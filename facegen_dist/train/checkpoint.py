@@ -162,7 +162,8 @@ def remove_checkpoint(folder: Path) -> None:
 
 def _no_space(error: BaseException) -> bool:
     text = str(error)
-    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text or "iostream error" in text
+    markers = ("No space left", "os error 28", "unexpected pos", "iostream error")
+    return getattr(error, "errno", None) == errno.ENOSPC or any(marker in text for marker in markers)
 
 
 def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, modules: dict[str, torch.nn.Module], emas: dict) -> Path:
@@ -186,7 +187,7 @@ def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, mod
             save_ema(tmp, emas)
             _write_json_synced(tmp / STATE_FILE, {**trainer_state, "checkpoint_format": FORMAT})
             write_manifest(tmp, trainer_state["images_seen"])
-    except (OSError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 — torch, safetensors and json each report a full disk their own way
         if _no_space(error):
             shutil.rmtree(tmp, ignore_errors=True)
             previous = list_checkpoints(root)
