@@ -38,7 +38,7 @@ def train_main(argv: list[str]) -> int:
     )
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_dim=200")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `k=v --config X k2=v2` as well as `--config X k=v k2=v2`
     try:
         from facegen_dist.config import load_config
         from facegen_dist.train import run

@@ -289,3 +289,19 @@ def test_a_deepspeed_config_dropped_by_accelerate_use_cpu_is_refused(tiny_shards
     errors = [line for line in result.stderr.splitlines() if line.startswith("facegen: error:")]
     assert result.returncode != 0 and errors and "unset ACCELERATE_USE_CPU" in errors[0], result.stderr[-3000:]
     assert not (tmp_path / "runs" / "vae_avatars64" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.latent_dim=-3", "model.latent_dim: -3 must be > 0"), ("model.latent_dim=0", "model.latent_dim: 0 must be > 0"),
+    ("data.resolution=16", "data.resolution must be a multiple of 32"), ("model.channels=[8,8,8,8,8,8,8]", "model.channels: 7 entries"),
+])
+def test_bad_model_settings_give_one_line(tiny_shards, tmp_path, override, fragment):
+    result = run_train(tmp_path, *RUN_ARGS, f"data.path={tiny_shards}", "run.name=bad", "train.total_images=64", override)
+    _one_line_error(result, fragment)
+
+
+def test_overrides_may_stand_on_both_sides_of_config(tiny_shards, tmp_path):
+    config = REPO / "configs" / "vae_avatars64.yaml"
+    result = run_train(tmp_path, "train.total_images=64", "--config", str(config), *RUN_ARGS, f"data.path={tiny_shards}", "run.name=mixed")
+    _ok(result)
+    assert json.loads((tmp_path / "runs" / "mixed" / "summary.json").read_text())["images_seen"] == 64

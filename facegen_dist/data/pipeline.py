@@ -212,8 +212,12 @@ class ShardStream(IterableDataset):
         for shard_index in schedule.group(group_index):
             shard = self.spec.shards[shard_index]
             samples, problem = read_shard(shard.path)
-            if problem:
-                print(f"facegen: warning: {problem}; read {len(samples)} of {shard.num_samples} samples, the rest are replaced", file=sys.stderr)
+            if problem or len(samples) != shard.num_samples:
+                # Positions come from the manifest's counts: a shorter shard's missing samples are replaced, a longer one's extra unread.
+                effect = (f"{shard.num_samples - len(samples)} images of this pass replaced by others" if len(samples) < shard.num_samples
+                          else f"{len(samples) - shard.num_samples} images never read")
+                print(f"facegen: warning: {problem or shard.path}: {len(samples)} samples read, the manifest says {shard.num_samples}: "
+                      f"{effect}; run `facegen data verify`", file=sys.stderr, flush=True)
             loaded.append(samples)
         return loaded
 
@@ -327,7 +331,11 @@ def read_images(shards: list[ShardInfo], num: int, resolution: int) -> tuple[tor
                     images.append(decode_image(sample[extension], resolution))
                 except Exception:  # noqa: BLE001
                     continue
-                attributes.append(json.loads(sample["json"]) if "json" in sample else {})
+                try:
+                    attributes.append(json.loads(sample["json"]) if "json" in sample else {})
+                except (ValueError, UnicodeDecodeError):
+                    print(f"facegen: warning: {shard.path}: sample {sample['__key__']} has unreadable JSON attributes; read as none", file=sys.stderr)
+                    attributes.append({})
                 if len(images) == num:
                     break
         except ShardReadError as error:

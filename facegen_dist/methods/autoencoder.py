@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import Method, Phase, normal_latents
 from facegen_dist.models.autoencoder import ConvAutoencoder, gaussian_kl
 
@@ -27,6 +28,17 @@ class AutoencoderMethod(Method):
     @property
     def variational(self) -> bool:
         return self.cfg.name == "vae"
+
+    def __init__(self, model_cfg, resolution: int):
+        super().__init__(model_cfg, resolution)
+        channels, halvings = list(model_cfg.channels), 2 ** len(model_cfg.channels)
+        if model_cfg.latent_dim <= 0:
+            raise ConfigError(f"model.latent_dim: {model_cfg.latent_dim} must be > 0")
+        if not channels or min(channels) <= 0:
+            raise ConfigError(f"model.channels: {channels} needs one or more positive widths")
+        if resolution % halvings or resolution < halvings:
+            raise ConfigError(f"model.channels: {len(channels)} entries halve {resolution} px {len(channels)} times; "
+                              f"data.resolution must be a multiple of {halvings} (or give fewer entries)")
 
     def build_modules(self) -> dict[str, nn.Module]:
         return {"autoencoder": ConvAutoencoder(self.resolution, list(self.cfg.channels), self.cfg.latent_dim, self.variational)}
