@@ -109,3 +109,26 @@ def test_a_launched_process_ends_without_interpreter_teardown_and_keeps_its_outp
         result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 3 and result.stderr == "err", result
         assert result.stdout == ("doneteardown ran\n" if teardown else "done")  # buffered output flushed either way
+
+
+def test_four_processes_resume_exactly_even_between_log_rows(tmp_path, tiny_shards):
+    """With 3+ ranks DDP's first step after a start lays gradient buckets out differently from later steps, and a ring
+    all-reduce then rounds differently (1-2 ulp, growing): exact only through train.exact_allreduce (auto: on here).
+    The checkpoint at 320 images falls between log rows (every 96): the first row after the resume must still
+    average the same steps as the uninterrupted run's."""
+    args = [*TINY, f"data.path={tiny_shards}", "train.total_images=960", "train.log_every_images=96", "train.ckpt_every_images=320",
+            "train.sample_every_images=100000", "train.cpu_threads=1"]
+    reference = run_train(tmp_path, *args, "run.name=reference", "train.ckpt_every_images=1000000", num_processes=4)
+    _assert_ok(reference)
+    crashed_dir = tmp_path / "runs" / "crashed"
+    kill9_after_first_checkpoint(start_train(tmp_path, *args, "run.name=crashed", num_processes=4), crashed_dir)
+    resumed = run_train(tmp_path, *args, "run.name=crashed", num_processes=4)
+    _assert_ok(resumed)
+    assert "resumed from" in resumed.stderr
+    expected, got = read_metrics(tmp_path / "runs" / "reference"), read_metrics(crashed_dir)
+    assert [row["step"] for row in got] == [row["step"] for row in expected] and all(row["world_size"] == 4 for row in got)
+    for want, have in zip(expected, got):
+        for key in ("loss", "mse", "kl", "grad_norm/autoencoder", "images_seen"):
+            assert want[key] == have[key], f"step {want['step']} {key}: {want[key]} != {have[key]}"
+    summaries = [json.loads((tmp_path / "runs" / name / "summary.json").read_text()) for name in ("reference", "crashed")]
+    assert summaries[0]["parameter_checksums"] == summaries[1]["parameter_checksums"] and summaries[0]["ranks_in_sync"]

@@ -21,6 +21,15 @@ class StatsCollector:
         for name, value in stats.items():
             self.add(prefix + name, value)
 
+    def state(self) -> dict:
+        """This rank's sums and counts since the last log (float32 values are exact as JSON floats)."""
+        return {"sums": {n: float(v.item()) for n, v in self._sums.items()}, "counts": dict(self._counts)}
+
+    def load_state(self, state: dict) -> None:
+        """Go on from `state`: the next log row then averages the same steps as an uninterrupted run's."""
+        self._sums = {n: torch.tensor(v, dtype=torch.float32) for n, v in state["sums"].items()}
+        self._counts = {n: int(c) for n, c in state["counts"].items()}
+
     def reduce(self, accelerator) -> dict[str, float]:
         """Mean of each stat over its reports on all ranks; resets. Every rank must call it."""
         names = sorted(self._sums)

@@ -166,8 +166,13 @@ def _no_space(error: BaseException) -> bool:
     return getattr(error, "errno", None) == errno.ENOSPC or any(marker in text for marker in markers)
 
 
-def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, modules: dict[str, torch.nn.Module], emas: dict) -> Path:
-    """Write a checkpoint for `trainer_state['images_seen']`; every rank must call this."""
+def rank_file(name: str, rank: int) -> str:
+    return f"{name}_{rank}.json"
+
+
+def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, modules: dict[str, torch.nn.Module], emas: dict,
+                    per_rank: dict[str, dict] | None = None) -> Path:
+    """Write a checkpoint for `trainer_state['images_seen']`; every rank must call this. `per_rank`: JSON files each rank writes."""
     assert_finite(modules)
     name = checkpoint_name(trainer_state["images_seen"])
     tmp, final = root / f".tmp-{name}", root / name
@@ -177,6 +182,8 @@ def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, mod
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        for name, payload in (per_rank or {}).items():
+            _write_json_synced(tmp / rank_file(name, accelerator.process_index), payload)
         full_weights = deepspeed_weights_for_inference(accelerator, modules)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

@@ -41,7 +41,7 @@ from facegen_dist.methods import build_method
 from facegen_dist.train import strategy
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.checkpoint import (
-    checkpoint_folders, checkpoint_problem, list_checkpoints, load_ema_state, read_trainer_state, save_checkpoint,
+    checkpoint_folders, checkpoint_problem, list_checkpoints, load_ema_state, rank_file, read_trainer_state, save_checkpoint,
 )
 from facegen_dist.train.resume_checks import changed_shapes, non_finite_parameter
 from facegen_dist.train.preemption import PreemptionWatcher
@@ -143,6 +143,7 @@ class Trainer:
         names, phase_names = list(modules), list(optimizers)
         prepared = acc.prepare(*[modules[n] for n in names], *[optimizers[n] for n in phase_names])
         self.modules = dict(zip(names, prepared[: len(names)]))
+        self.exact_allreduce = strategy.make_gradient_reduction_exact(acc, cfg, self.modules)
         self.optimizers = dict(zip(phase_names, prepared[len(names):]))
         for ema in self.ema.values():
             ema.to(acc.device)  # saved as ema_<name>.safetensors by checkpoint.py, never pickled
@@ -150,6 +151,7 @@ class Trainer:
         set_seed(cfg.run.seed, device_specific=True)  # per-rank noise; replaced by the checkpoint's on resume
         self.state = self._fresh_state()
         self._resume_notes: list[str] = []
+        self._partial_stats: dict | None = None
         self.images_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         self.resumed_from = self._resume()
         # Counted in images, so a resume with another world size or batch still stops at the budget (to within one step).
@@ -157,6 +159,8 @@ class Trainer:
         self.final_images = self.state.images_seen + remaining_steps * self.images_per_step
         self.dead_window = min(cfg.train.dead_run_steps, remaining_steps) if cfg.train.dead_run_steps > 0 else 0
         self.stats = StatsCollector()
+        if self._partial_stats is not None:  # the stats since the last log row, so that the next row averages what it would have
+            self.stats.load_state(self._partial_stats)
         self.extractor = self._eval_extractor()
         self.logger = self._make_logger()
 
@@ -238,8 +242,10 @@ class Trainer:
                                              "batch_size": cfg.train.batch_size, "shuffle_group": cfg.data.shuffle_group})
         old_layout = (previous.world_size, previous.num_workers, previous.batch_size, previous.shuffle_group)
         new_layout = (acc.num_processes, cfg.data.num_workers, cfg.train.batch_size, cfg.data.shuffle_group)
-        if old_layout == new_layout:
-            return  # the stream continues exactly where it stopped
+        if old_layout == new_layout:  # the stream continues exactly where it stopped
+            stats_file = folder / rank_file("stats", acc.process_index)
+            self._partial_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+            return
         old_stream = StreamSpec(tuple(self.train_shards), cfg.data.resolution, previous.batch_size, seed=cfg.run.seed,
                                 world_size=previous.world_size, num_workers=previous.num_workers, start_batch=previous.batches_consumed,
                                 shuffle_group=previous.shuffle_group, sequence_offset=previous.data_offset)
@@ -439,7 +445,8 @@ class Trainer:
     def _checkpoint(self) -> Path:
         self.state.train_seconds += time.perf_counter() - self._segment_start
         self._segment_start = time.perf_counter()
-        return save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules, self.ema)
+        return save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules, self.ema,
+                               per_rank={"stats": self.stats.state()})
 
     def _stop_dead_run(self) -> None:
         """Every rank raises at the same step (skips are decided on all-reduced gradients); no checkpoint of this stretch is written."""

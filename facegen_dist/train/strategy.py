@@ -131,6 +131,53 @@ def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
     ds_config.setdefault("wall_clock_breakdown", False)
 
 
+def _rank_order_mean(process_group, bucket) -> torch.futures.Future:
+    """A DDP comm hook: every rank's gradients gathered, then summed in rank order and averaged.
+
+    Why not DDP's all-reduce: with 3+ ranks a ring all-reduce adds an element's contributions in an
+    order set by its offset in the bucket, and DDP lays buckets out differently on the first step
+    after every start (one bucket) than later (rebuilt in gradient-ready order). A resumed run's
+    first step then rounds differently from the uninterrupted run's (1-2 ulp, growing). Summing the
+    gathered copies in rank order gives each element the same sum whatever the layout.
+    """
+    group = process_group if process_group is not None else torch.distributed.group.WORLD
+    world = torch.distributed.get_world_size(group)
+    buffer = bucket.buffer()
+    gathered = torch.empty(world * buffer.numel(), dtype=buffer.dtype, device=buffer.device)
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    future = gather(gathered, buffer, group=group, async_op=True).get_future()
+
+    def mean(_):
+        parts = gathered.view(world, -1)
+        total = parts[0].clone()
+        for rank in range(1, world):
+            total += parts[rank]
+        return total.div_(world)
+
+    return future.then(mean)
+
+
+_rank_order_mean.__annotations__["return"] = torch.futures.Future[torch.Tensor]  # DDP checks it; the future import made it a string
+
+
+def use_exact_gradient_reduction(accelerator: Accelerator, cfg) -> bool:
+    """train.exact_allreduce: on / off, or auto = on for 3+ processes on gloo (CPU), where it costs little."""
+    setting = cfg.train.exact_allreduce
+    if setting == "auto":
+        return accelerator.num_processes > 2 and accelerator.device.type == "cpu"
+    return setting == "on"
+
+
+def make_gradient_reduction_exact(accelerator: Accelerator, cfg, modules: dict[str, torch.nn.Module]) -> bool:
+    """Register the rank-order mean on every DDP-wrapped module when asked (see _rank_order_mean); True if it was."""
+    if is_deepspeed(accelerator) or not use_exact_gradient_reduction(accelerator, cfg):
+        return False
+    wrapped = [m for m in modules.values() if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
+    for module in wrapped:
+        module.register_comm_hook(state=None, hook=_rank_order_mean)
+    return bool(wrapped)
+
+
 def full_parameters(accelerator: Accelerator, module: torch.nn.Module):
     """Context in which `module`'s parameters are whole on every rank: ZeRO-3 gathers its partitions
     (for the EMA update and the rank checksums); a no-op everywhere else."""
