@@ -713,12 +713,15 @@ def main() -> None:
         help="folder holding bench_peers.py (default ../shared/peers)",
     )
     parser.add_argument("--stages", nargs="*", choices=STAGES, default=STAGES)
-    parser.add_argument("--total-s", type=float, default=465.0, help="wall budget of all stages together")
+    parser.add_argument("--total-s", type=float, default=0.0,
+                        help="wall budget of all stages together (default 465 s; --smoke: 7 stages x their budget)")
     parser.add_argument("--cap-gb", type=float, default=8.0, help="memory stage: the emulated card's size")
     parser.add_argument("--eval-num", type=int, default=10_000, help="eval stage: samples (smoke: 200)")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage in this process
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # The smoke run's stages start real processes on a shared 2-core CPU: 465 s stopped the 5th of them there (2026-12-01).
+    args.total_s = args.total_s or (SMOKE_BUDGET_S * len(STAGES) if args.smoke else 465.0)
     if args.stage:
         stage_main(args)
     elif not args.out:
