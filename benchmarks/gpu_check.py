@@ -720,7 +720,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage in this process
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # The smoke run's stages start real processes on a shared 2-core CPU: 465 s stopped the 5th of them there (2026-12-01).
+    # The smoke run's stages start real processes on a shared 2-core CPU: 465 s stopped the 5th there (2026-12-01).
     args.total_s = args.total_s or (SMOKE_BUDGET_S * len(STAGES) if args.smoke else 465.0)
     if args.stage:
         stage_main(args)
