@@ -3,6 +3,7 @@
     python benchmarks/memory.py                      # CPU: the estimate, from measured saved activations
     python benchmarks/memory.py --device cuda --cap-gb 8 --batch 8    # GPU: real peaks under an 8 GB cap, beside the estimate
     python benchmarks/memory.py --smoke              # tiny 32 px models: seconds, for the tests
+    python benchmarks/memory.py --device cuda --cap-gb 8 --cases "VQ-GAN 512" --batches 1 2 4 8 --max-batch 64
 
 Two kinds of figure, never mixed up in the output:
 
@@ -65,6 +66,7 @@ LEVERS = [
     Levers(activation_checkpointing=True),
     Levers(bf16=True, activation_checkpointing=True),
 ]
+LEVER_NAMES = {"fp32": LEVERS[0], "bf16": LEVERS[1], "ckpt": LEVERS[2], "bf16+ckpt": LEVERS[3]}
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3_offload")
 
 
@@ -109,6 +111,35 @@ def measured_peak_gb(setup: Setup, images: torch.Tensor) -> float | str:
     return torch.cuda.max_memory_allocated(device) / GB
 
 
+def largest_fitting_batch(setup: Setup, resolution: int, measured: dict[int, float | str], limit: int) -> int:
+    """The largest micro-batch whose two real steps fit the cap: from the batches measured, doubling past the
+    largest that fits until one does not (or `limit`), then bisecting between the two. 0 if batch 1 does not fit."""
+
+    def fits(batch: int) -> bool:
+        if batch not in measured:
+            images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
+            measured[batch] = measured_peak_gb(setup, setup.inputs(images))
+        return not isinstance(measured[batch], str)
+
+    fitting = [b for b, peak in measured.items() if not isinstance(peak, str)]
+    low = max(fitting, default=0)
+    failing = [b for b, peak in measured.items() if isinstance(peak, str) and b > low]
+    high = min(failing, default=0)
+    if not high:  # nothing failed above the best fit yet: double until something does
+        low = low or (1 if fits(1) else 0)
+        if not low:
+            return 0
+        high = low * 2
+        while high <= limit and fits(high):
+            low, high = high, high * 2
+        if high > limit:
+            return low
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def measure_row(label: str, config: str, overrides: list[str], levers: Levers, args: dict) -> dict | None:
     device = torch.device(args["device"])
     if device.type == "cuda":
@@ -126,9 +157,20 @@ def measure_row(label: str, config: str, overrides: list[str], levers: Levers, a
     row = {"model": label, "config": config, "overrides": overrides, "resolution": resolution, "params_m": setup.num_params() / 1e6,
            "levers": levers.label(), "activation_mb_per_image": per_image / 2**20, "estimate_gb": estimates,
            "max_batch_in_cap": max(0, int((args["cap_gb"] - fixed_gb) * GB // max(per_image, 1)))}
+    batches = args.get("batches") or []
+    if batches:
+        row["estimate_gb_by_batch"] = {b: estimate_gb(setup, per_image, b, "ddp", args["gpus"]) for b in batches}
     if device.type == "cuda":
-        batch = torch.randint(0, 256, (args["batch"], 3, resolution, resolution), dtype=torch.uint8)
-        row["measured_peak_gb"] = measured_peak_gb(setup, setup.inputs(batch))
+        measured: dict[int, float | str] = {}
+        for batch_size in dict.fromkeys([args["batch"], *batches]):
+            batch = torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8)
+            measured[batch_size] = measured_peak_gb(setup, setup.inputs(batch))
+        row["measured_peak_gb"] = measured[args["batch"]]
+        if batches:
+            row["measured_peak_gb_by_batch"] = {b: measured[b] for b in batches}
+        if args.get("max_batch"):
+            row["max_batch_measured"] = largest_fitting_batch(setup, resolution, measured, args["max_batch"])
+            row["measured_peak_gb_search"] = dict(sorted(measured.items()))
     return row
 
 
@@ -140,6 +182,11 @@ def main() -> None:
     parser.add_argument("--cap-gb", type=float, default=8.0, help="the per-GPU budget: GPU mode caps the process at it; the max-batch column uses it")
     parser.add_argument("--probe-batch", type=int, default=1, help="images in the measured forward (the activation term is per image)")
     parser.add_argument("--cases", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--levers", nargs="*", choices=list(LEVER_NAMES), help="lever rows to run (default: all)")
+    parser.add_argument("--batches", nargs="*", type=int, default=[],
+                        help="also these micro-batches: the ddp estimate for each and, on CUDA, the measured peak")
+    parser.add_argument("--max-batch", type=int, default=0, metavar="LIMIT",
+                        help="CUDA: search the largest micro-batch that fits --cap-gb (up to LIMIT), measuring each tried")
     parser.add_argument("--smoke", action="store_true", help="tiny 32 px models, batch 2, for the tests")
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     args = parser.parse_args()
@@ -148,6 +195,8 @@ def main() -> None:
         args.batch, args.probe_batch = 2, 2
     if args.cases:
         cases = [case for case in cases if case[0] in args.cases]
+        if not cases:
+            raise SystemExit(f"memory: no case among {args.cases}; known: {', '.join(label for label, _, _ in (SMOKE_CASES if args.smoke else CASES))}")
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -170,7 +219,7 @@ def main() -> None:
     # (in one process the 512 px VQ-GAN rows ran a 24 GB machine out of memory; alone, a row peaks at 3-12 GB).
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         for label, config, overrides in cases:
-            for levers in LEVERS:
+            for levers in [LEVER_NAMES[name] for name in args.levers] if args.levers else LEVERS:
                 row = pool.submit(measure_row, label, config, overrides, levers, vars(args)).result()
                 if row is None:
                     continue  # BatchNorm models have no checkpointable blocks
@@ -179,8 +228,12 @@ def main() -> None:
                 if "measured_peak_gb" in row:
                     peak = row["measured_peak_gb"]
                     line += f" {peak if isinstance(peak, str) else f'{peak:.2f}'} |"
+                if "max_batch_measured" in row:
+                    line += f" largest fitting micro-batch: {row['max_batch_measured']} |"
                 print(line, flush=True)
                 rows.append(row)
+                if args.json:  # after every row: a run stopped at a time limit keeps what it measured
+                    Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
 

@@ -12,8 +12,10 @@ For each config, in one process and on one device, side by side:
 Each row: img/s; the step split into data wait / forward / backward / optimizer (CUDA is
 synchronised at each boundary, which costs a little overlap: the img/s column is measured
 separately, unsynchronised); model FLOPs per image from torch's FLOP counter (matmuls and
-convolutions of forward + backward); MFU against the device's peak (on CPU: a matmul peak
-measured in the same run).
+convolutions of forward + backward); MFU against the device's peak: on CUDA the data sheet's; on
+CPU by CPU time (the steps' FLOPs per CPU-second against a 1-thread matmul's), robust to other
+load on a shared machine, beside a wall-clock MFU against a matmul timed right before and after
+the row with the same statistic (mean) as the steps.
 The data loader's own rate (decode + augment, the configured workers) is measured alone and
 compared with what the tuned step consumes: it must be at least 2x.
 `--comm` adds the communication side: two processes (gloo on CPU, NCCL on 2+ GPUs) all-reduce
@@ -56,24 +58,52 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 BUS_GBPS = {"NVLink (8x H100, NVSwitch)": 350.0, "PCIe 4 x16 (no NVLink)": 20.0, "2 nodes, 200 Gb/s InfiniBand": 20.0}
 
 
-def cpu_matmul_peak(device: torch.device) -> float:
-    """FLOP/s of a large fp32 matmul on this device: the CPU's practical peak, measured now."""
-    a, b = torch.randn(1536, 1536, device=device), torch.randn(1536, 1536, device=device)
-    seconds, _ = best_of(lambda: a @ b, device, 5)
-    return 2 * 1536**3 / seconds
+MATMUL_SIDE = 1536
 
 
-def device_peak(device: torch.device, override_tflops: float) -> tuple[float, str]:
+def matmul_rate(device: torch.device, repeats: int = 5) -> float:
+    """Wall FLOP/s of a large fp32 matmul at the current thread count, the MEAN over `repeats` (the statistic the
+    steps are timed with: a total over consecutive steps), so that a row and its peak see the machine alike."""
+    a, b = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device), torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device)
+    a @ b  # warm-up: first-call allocation and thread start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * MATMUL_SIDE**3 * repeats / (time.perf_counter() - start)
+
+
+def matmul_rate_per_cpu_second(repeats: int = 5) -> float:
+    """FLOP per CPU-second of a 1-thread fp32 matmul: one core's practical peak, which a shared machine's load
+    does not change (time.process_time counts only this process's CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(MATMUL_SIDE, MATMUL_SIDE), torch.randn(MATMUL_SIDE, MATMUL_SIDE)
+        a @ b
+        start = time.process_time()
+        for _ in range(repeats):
+            a @ b
+        return 2 * MATMUL_SIDE**3 * repeats / (time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gpu_peak(device: torch.device, override_tflops: float) -> tuple[float, str] | None:
+    """The data-sheet peak for MFU on CUDA (or the given one); None on CPU, where each row measures its own."""
     if override_tflops:
         return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (given)"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"{tflops:g} TFLOP/s dense bf16 ({key} data sheet)"
-        raise SystemExit(f"throughput: no peak known for '{name}'; pass --peak-tflops")
-    peak = cpu_matmul_peak(device)
-    return peak, f"{peak / 1e9:.1f} GFLOP/s (fp32 1536^2 matmul, measured now)"
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, f"{tflops:g} TFLOP/s dense bf16 ({key} data sheet)"
+    raise SystemExit(f"throughput: no peak known for '{name}'; pass --peak-tflops")
+
+
+CPU_PEAK_NOTE = (f"CPU: mfu = step FLOPs per CPU-second (process_time of the timed steps) / a 1-thread fp32 "
+                 f"{MATMUL_SIDE}^2 matmul's FLOP per CPU-second; mfu_wall = step FLOP/s / the mean wall rate of that "
+                 f"matmul at the run's threads, measured right before and after each row")
 
 
 def shards_for(resolution: int, num: int, root: Path) -> Path:
@@ -106,18 +136,19 @@ def measure(setup: Setup, data, warmup: int, steps: int) -> dict:
         setup.step(setup.inputs(next(data)["image"]))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     sync()
-    start = time.perf_counter()  # img/s: unsynchronised steps, as training runs them
+    start, cpu_start = time.perf_counter(), time.process_time()  # img/s: unsynchronised steps, as training runs them
     for _ in range(steps):
         setup.step(setup.inputs(next(data)["image"]))
     sync()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     timer = SegmentTimer(device)  # the split: a second pass, synchronised at each boundary
     for _ in range(steps):
         with timer("data wait"):
             images = setup.inputs(next(data)["image"])
         setup.step(images, timer)
     split_total = sum(timer.seconds.values())
-    return {"step_s": seconds / steps, "split": {k: v / split_total for k, v in timer.seconds.items()}}
+    return {"step_s": seconds / steps, "step_cpu_s": cpu_seconds / steps,
+            "split": {k: v / split_total for k, v in timer.seconds.items()}}
 
 
 def allreduce_worker(rank: int, world: int, port: int, sizes: dict[str, int], repeats: int, out: str) -> None:
@@ -164,7 +195,8 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="tuned row with activation checkpointing (memory for speed)")
     parser.add_argument("--compile", action="store_true", help="add a tuned + torch.compile row")
     parser.add_argument("--comm", action="store_true", help="measure the gradient all-reduce with 2 processes")
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs; CPU: measured)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's peak for MFU (default: known GPUs' data sheet; CPU: measured per row)")
     parser.add_argument("--smoke", action="store_true", help="tiny 32 px models, batch 4, 2 steps, for the tests")
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     args = parser.parse_args()
@@ -175,15 +207,17 @@ def main() -> None:
         args.batch, args.steps, args.warmup, args.workers = 4, 2, 1, 0
 
     device = torch.device(args.device)
-    peak, peak_note = device_peak(device, args.peak_tflops)
+    fixed_peak = gpu_peak(device, args.peak_tflops)
+    peak_note = fixed_peak[1] if fixed_peak else CPU_PEAK_NOTE
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
     header = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": name, "torch": torch.__version__, "peak": peak_note,
               "command": shlex.join(["python", *sys.argv])}
     print(f"{header['date']}; commit {header['commit']}; {name}; torch {torch.__version__}; MFU peak {peak_note}")
     print(f"`{header['command']}`: {args.steps} timed steps after {args.warmup} warm-up; data from {args.workers} loader workers")
     print()
-    print("| config | px | batch | params (M) | loop | img/s | x naive | data / fwd / bwd / optim % | GFLOP/img | MFU % | loader img/s | loader / step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| config | px | batch | params (M) | loop | img/s | x naive | data / fwd / bwd / optim % | GFLOP/img | MFU % | "
+          "MFU % (wall) | loader img/s | loader / step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
     tuned = Levers(bf16=args.bf16 or device.type == "cuda", channels_last=True, fused_optimizer=True, activation_checkpointing=args.activation_checkpointing)
     loops = [BASELINE, tuned] + ([Levers(**{**tuned.__dict__, "compile": True})] if args.compile else [])
@@ -199,17 +233,29 @@ def main() -> None:
         for levers in loops:
             setup = Setup(cfg, method, device, levers)
             flops = step_flops(setup, setup.inputs(next(data)["image"]))
+            peak_before = None if fixed_peak else matmul_rate(device)
             result = measure(setup, data, args.warmup, args.steps)
             rate = batch / result["step_s"]
+            if fixed_peak:
+                mfu, mfu_wall, peaks = flops / result["step_s"] / fixed_peak[0], None, {}
+            else:
+                # Wall FLOP/s against a wall peak is at the mercy of the machine's other load during either; CPU time
+                # against a 1-thread peak per CPU-second is not (but counts spinning threads as used), so it is `mfu`.
+                wall_peak = (peak_before + matmul_rate(device)) / 2
+                per_cpu_second = matmul_rate_per_cpu_second()
+                mfu, mfu_wall = flops / result["step_cpu_s"] / per_cpu_second, flops / result["step_s"] / wall_peak
+                peaks = {"peak_wall_gflops": wall_peak / 1e9, "peak_gflops_per_cpu_s": per_cpu_second / 1e9}
             naive_rate = naive_rate or rate
             split = result["split"]
             row = {"config": config, "resolution": resolution, "batch": batch, "params_m": setup.num_params() / 1e6, "loop": levers.label(),
                    "img_per_s": rate, "ratio_to_naive": rate / naive_rate, "split": split, "gflop_per_image": flops / batch / 1e9,
-                   "mfu": flops / result["step_s"] / peak, "loader_img_per_s": loader, "loader_over_step": loader / rate}
+                   "mfu": mfu, "mfu_wall": mfu_wall, "step_cpu_s": result["step_cpu_s"], **peaks,
+                   "loader_img_per_s": loader, "loader_over_step": loader / rate}
             rows.append(row)
             shares = " / ".join(f"{100 * split.get(k, 0):.0f}" for k in ("data wait", "forward", "backward", "optimizer"))
             print(f"| {config} | {resolution} | {batch} | {row['params_m']:.2f} | {row['loop']} | {rate:.1f} | {row['ratio_to_naive']:.2f} | {shares} | "
-                  f"{row['gflop_per_image']:.2f} | {100 * row['mfu']:.1f} | {loader:.0f} | {row['loader_over_step']:.1f} |", flush=True)
+                  f"{row['gflop_per_image']:.2f} | {100 * row['mfu']:.1f} | {'-' if mfu_wall is None else f'{100 * mfu_wall:.1f}'} | "
+                  f"{loader:.0f} | {row['loader_over_step']:.1f} |", flush=True)
             grad_sizes[config] = (setup.num_params(), result["step_s"])
             del setup
         shutdown = getattr(data, "_shutdown_workers", None)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -98,3 +100,66 @@ def test_strategies_benchmark_smoke(tmp_path):
     assert cells[("VAE", "ds_zero2")]["strategy"] == "deepspeed-zero2"
     assert not cells[("DCGAN", "ds_zero2")]["works"] and "2 optimizers" in cells[("DCGAN", "ds_zero2")]["reason"]
     assert "| DCGAN | works:" in result.stdout
+
+
+def test_memory_search_finds_the_largest_fitting_micro_batch(monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    import memory
+
+    class FakeSetup:  # a card where 5 images fit and 6 do not
+        @staticmethod
+        def inputs(images):
+            return images
+
+    monkeypatch.setattr(memory, "measured_peak_gb", lambda setup, images: "OOM" if images.shape[0] > 5 else 0.5 * images.shape[0])
+    for measured in ({1: 0.5, 2: 1.0, 4: 2.0, 8: "OOM"}, {1: 0.5}, {}, {2: 1.0, 4: 2.0}):
+        assert memory.largest_fitting_batch(FakeSetup(), 8, dict(measured), limit=64) == 5, measured
+    assert memory.largest_fitting_batch(FakeSetup(), 8, {1: 0.5}, limit=4) == 4  # the limit caps the doubling
+    monkeypatch.setattr(memory, "measured_peak_gb", lambda setup, images: "OOM")
+    assert memory.largest_fitting_batch(FakeSetup(), 8, {}, limit=64) == 0
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _numbers(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _numbers(value)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_stage_with_finite_figures(tmp_path):
+    """Minutes on 2 busy CPU cores (each stage starts real processes: train.py, memory.py, bench_peers.py)."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = json.loads(out.read_text())["stages"]
+    assert list(stages) == ["train_vae", "train_vqgan", "memory", "peers_vqgan", "peers_vqvae2", "eval", "compile"]
+    for name, stage in stages.items():
+        assert stage["status"] == "ok", (name, stage.get("error"), stage.get("stderr_tail", "")[-1500:])
+        assert all(math.isfinite(value) for value in _numbers(stage)), name
+    for name, label in (("train_vae", "vae_bf16"), ("train_vae", "vae_fp16"), ("train_vqgan", "vqgan_bf16")):
+        run = stages[name]["runs"][label]
+        assert run["ok"] and run["resume_continues"] and run["first"]["losses_finite"] and run["resume"]["losses_finite"]
+        assert run["resume"]["steps"] > run["first"]["steps"] > 0 and run["first"]["checkpoint"]
+    assert stages["train_vae"]["runs"]["vae_fp16"]["levers"]["precision"] == "fp16"
+    assert stages["memory"]["memory"]["rows"][0]["estimate_gb_by_batch"]["2"] > stages["memory"]["memory"]["rows"][0]["estimate_gb_by_batch"]["1"] > 0
+    peers_folder = (BENCHMARKS.parents[1] / "shared" / "peers" / "bench_peers.py").is_file()
+    for name in ("peers_vqgan", "peers_vqvae2"):
+        for cell in stages[name]["cells"]:
+            assert len(cell["project"]) == 2 and cell["project_img_per_s"] > 0 and 0 < cell["project_mfu"] < 1
+            assert set(cell["project"][0]["split"]) == {"forward", "backward", "optimizer"}
+    rosinality = stages["peers_vqvae2"]["cells"][0]
+    assert rosinality["project"][0]["params_m"] == 1.388867  # the peer's exact architecture (top_encoder_channels=64)
+    if peers_folder:
+        assert len(rosinality["peer_runs"]) == 2 and rosinality["ratio_project_over_peer"] > 0
+        assert rosinality["peer_runs"][0]["params_M"] == 1.389
+    else:
+        assert stages["peers_vqvae2"]["peer_status"].startswith("skipped: no peers folder")
+    assert stages["peers_vqgan"]["peer_status"].startswith("skipped in --smoke")
+    assert all(stages["eval"]["timings_s"][k] > 0 for k in ("generate", "features", "fid", "kid", "prc"))
+    assert stages["compile"]["cells"][0]["project_img_per_s"] > 0

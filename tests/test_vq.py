@@ -1,6 +1,7 @@
 """VQ-VAE / VQ-VAE2 models and the shared quantizer (fast, one process; plus a 2-rank quantizer sync test)."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,9 +168,42 @@ def test_two_ranks_with_different_data_hold_identical_codebooks(update):
 @pytest.mark.parametrize("override, expected", [
     ("model.codebook_update=sgd", "model.codebook_update: 'sgd'"),
     ("model.downsample=3", "model.downsample: 3"),
+    ("model.top_encoder_channels=-1", "model.top_encoder_channels: -1"),
 ])
 def test_bad_vq_settings_are_one_line_config_errors(override, expected, tiny_shards):
     cfg = load_config([], ["model.name=vqvae2", override, f"data.path={tiny_shards}"])
     with pytest.raises(ConfigError) as error:
         build_method(cfg.model, 64).build_modules()
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def _vqvae2_256(*overrides: str) -> torch.nn.Module:
+    config = Path(__file__).resolve().parents[1] / "configs" / "vqvae2_avatars256.yaml"
+    cfg = load_config([str(config)], list(overrides))
+    return build_method(cfg.model, 256).build_modules()["vqvae"]
+
+
+def _layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
+
+
+def test_top_encoder_channels_gives_rosinality_parameter_count_and_the_default_keeps_old_runs_loading():
+    def trainable(model):  # the EMA codebooks are parameters without gradient here, buffers in rosinality's code
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    default, rosinality = _vqvae2_256(), _vqvae2_256("model.top_encoder_channels=64")
+    # rosinality/vq-vae-2-pytorch VQVAE() at its defaults: 1 388 867 parameters (counted on the vendored code).
+    assert trainable(rosinality) == 1_388_867
+    # The default is the layout written before the key existed: 1 593 731 trainable, a 128 -> 128 top encoder.
+    assert trainable(default) == 1_593_731
+    shapes = dict(_layout(default))
+    assert shapes["encoder_top.net.0.weight"] == (128, 128, 4, 4) and shapes["encoder_top.net.2.weight"] == (128, 128, 3, 3)
+    assert dict(_layout(rosinality))["encoder_top.net.2.weight"] == (128, 64, 3, 3)
+    # Same keys in the same order, so an old run's state dict loads strictly and the model runs.
+    assert [name for name, _ in _layout(default)] == [name for name, _ in _layout(rosinality)]
+    torch.manual_seed(0)
+    old_run = VQVAE2(quant=dict(num_codes=512)).state_dict()
+    default.load_state_dict(old_run, strict=True)
+    default.eval()
+    with torch.no_grad():
+        assert default(torch.rand(1, 3, 64, 64))[0].shape == (1, 3, 64, 64)

@@ -38,6 +38,9 @@ class VQVAEConfig:
     dead_code_steps: int = 100  # re-seed codes unused for this many forward passes (micro-batches; 0 = never)
     cosine: bool = False  # l2-normalised codes and latents
     recon_weight: float = 1.0
+    # vqvae2: the top encoder's width after its strided conv; 0 = channels (the original layout, which
+    # old run folders hold), channels // 2 = rosinality/vq-vae-2-pytorch's (0.2 M fewer parameters at 128).
+    top_encoder_channels: int = 0
 
 
 def build_vq_model(cfg, resolution: int) -> nn.Module:
@@ -50,8 +53,11 @@ def build_vq_model(cfg, resolution: int) -> nn.Module:
         raise ConfigError(f"model.downsample: {cfg.downsample} does not fit {resolution} px ({cfg.name} needs a power of two with resolution/{factor} >= 2)")
     quant = dict(num_codes=cfg.num_codes, beta=cfg.beta, update=cfg.codebook_update, decay=cfg.ema_decay,
                  kmeans_init=cfg.kmeans_init, dead_code_steps=cfg.dead_code_steps, cosine=cfg.cosine)
-    model_class = VQVAE2 if cfg.name == "vqvae2" else VQVAE
-    return model_class(cfg.channels, cfg.res_blocks, cfg.res_channels, cfg.embed_dim, cfg.downsample, quant)
+    if cfg.top_encoder_channels < 0 or (cfg.top_encoder_channels and cfg.name != "vqvae2"):
+        raise ConfigError(f"model.top_encoder_channels: {cfg.top_encoder_channels} needs model.name=vqvae2 and a value >= 0 (0 = model.channels)")
+    if cfg.name == "vqvae2":
+        return VQVAE2(cfg.channels, cfg.res_blocks, cfg.res_channels, cfg.embed_dim, cfg.downsample, quant, cfg.top_encoder_channels)
+    return VQVAE(cfg.channels, cfg.res_blocks, cfg.res_channels, cfg.embed_dim, cfg.downsample, quant)
 
 
 class PreQuantLatent(nn.Module):

@@ -37,16 +37,20 @@ def _halvings(factor: int) -> int:
 
 
 class Encoder(nn.Module):
-    """`factor`x down: stride-2 4x4 convs, a 3x3 conv, residual blocks."""
+    """`factor`x down: stride-2 4x4 convs, a 3x3 conv, residual blocks.
 
-    def __init__(self, in_channels: int, channels: int, res_blocks: int, res_channels: int, factor: int):
+    `last_stride_channels` is the width out of the last strided conv (0: `channels`). rosinality's
+    2x top encoder narrows there (channels // 2, then the 3x3 conv widens back to `channels`).
+    """
+
+    def __init__(self, in_channels: int, channels: int, res_blocks: int, res_channels: int, factor: int, last_stride_channels: int = 0):
         super().__init__()
         steps, layers, width = _halvings(factor), [], in_channels
         for index in range(steps):
-            out = channels if index == steps - 1 else channels // 2
+            out = (last_stride_channels or channels) if index == steps - 1 else channels // 2
             layers += [nn.Conv2d(width, out, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
             width = out
-        layers += [nn.Conv2d(channels, channels, 3, padding=1)]
+        layers += [nn.Conv2d(width, channels, 3, padding=1)]
         layers += [ResBlock(channels, res_channels) for _ in range(res_blocks)]
         self.net = nn.Sequential(*layers, nn.ReLU(inplace=True))
 
@@ -136,17 +140,21 @@ class VQVAE(OneGridVQ):
 
 
 class VQVAE2(nn.Module):
-    """Top grid at 1/(2*downsample), bottom grid at 1/downsample; bottom quantizer sees the decoded top codes."""
+    """Top grid at 1/(2*downsample), bottom grid at 1/downsample; bottom quantizer sees the decoded top codes.
+
+    `top_encoder_channels`: the top encoder's width after its strided conv (0: `channels`, this model's
+    original layout; channels // 2 is rosinality's).
+    """
 
     levels = ("top", "bottom")
 
     def __init__(self, channels: int = 128, res_blocks: int = 2, res_channels: int = 32, embed_dim: int = 64,
-                 downsample: int = 4, quant: dict | None = None):
+                 downsample: int = 4, quant: dict | None = None, top_encoder_channels: int = 0):
         super().__init__()
         quant = quant or {}
         self.downsample = downsample
         self.encoder_bottom = Encoder(3, channels, res_blocks, res_channels, downsample)
-        self.encoder_top = Encoder(channels, channels, res_blocks, res_channels, 2)
+        self.encoder_top = Encoder(channels, channels, res_blocks, res_channels, 2, top_encoder_channels)
         self.to_embed_top = nn.Conv2d(channels, embed_dim, 1)
         self.quantize_top = _quantizer(embed_dim, quant)
         self.decoder_top = Decoder(embed_dim, embed_dim, channels, res_blocks, res_channels, 2)
