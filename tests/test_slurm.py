@@ -83,6 +83,20 @@ def _preempt(job_id: str, burst: int = 1) -> None:
         time.sleep(0.05)
 
 
+def preempt_twice(job: str, run_dir: Path, log: Path, steps_between: int, timeout: float) -> list[float]:
+    """USR1 the job after every `steps_between` logged steps, twice (the second time a burst that lands during the
+    checkpoint), each time waiting for the requeued job to come back; the seconds from signal to its return."""
+    seconds = []
+    for restart in (1, 2):
+        steps_before = len(_rows(run_dir))
+        _wait_for(lambda: len(_rows(run_dir)) >= steps_before + steps_between, timeout, f"{steps_between} more steps before preemption {restart}", log)
+        signalled = time.time()
+        _preempt(job, burst=10 if restart == 2 else 1)
+        _wait_for(lambda: f"SLURM_RESTART_COUNT={restart})" in log.read_text(), timeout, f"the job to come back with restart {restart}", log)
+        seconds.append(time.time() - signalled)
+    return seconds
+
+
 def test_usr1_to_the_training_processes_stops_them_together_and_the_rerun_continues_exactly(tiny_shards, tmp_path):
     """No SLURM needed: the signal SLURM sends, delivered by hand to both ranks of an `accelerate launch` run."""
     import signal
@@ -135,14 +149,7 @@ def test_sbatch_preempted_twice_requeues_and_matches_uninterrupted_run(reference
     reference_dir, _ = reference_run
     job = _sbatch(tmp_path, "vae128.sh", *RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs", "run.name=pre", "log.wandb=offline")
     run_dir, log = tmp_path / "runs" / "pre", tmp_path / f"{job}.out"
-    requeue_seconds = []
-    for restart in (1, 2):
-        steps_before = len(_rows(run_dir))
-        _wait_for(lambda: len(_rows(run_dir)) >= steps_before + 40, 300, f"40 more steps before preemption {restart}", log)
-        signalled = time.time()
-        _preempt(job, burst=10 if restart == 2 else 1)  # the second time, signals keep arriving while it checkpoints
-        _wait_for(lambda: f"SLURM_RESTART_COUNT={restart})" in log.read_text(), 300, f"the job to come back with restart {restart}", log)
-        requeue_seconds.append(time.time() - signalled)
+    requeue_seconds = preempt_twice(job, run_dir, log, steps_between=40, timeout=300)
     assert _wait_done(job, log) == "COMPLETED", log.read_text()[-4000:]
 
     runs = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True).stdout.split()
