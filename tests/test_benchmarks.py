@@ -134,11 +134,14 @@ def _numbers(tree):
 def test_gpu_check_smoke_runs_every_stage_with_finite_figures(tmp_path):
     """Minutes on 2 busy CPU cores (each stage starts real processes: train.py, memory.py, bench_peers.py)."""
     out = tmp_path / "gpu_check.json"
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, timeout=1800)
+    # Not the compile stage: inductor's first compile takes minutes on 2 CPU cores; it times the peers stage's
+    # project_cell with torch.compile on, which this test runs uncompiled.
+    stages_run = ["train_vae", "train_vqgan", "memory", "peers_vqgan", "peers_vqvae2", "eval"]
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--smoke", "--out", str(out),
+                             "--stages", *stages_run], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = json.loads(out.read_text())["stages"]
-    assert list(stages) == ["train_vae", "train_vqgan", "memory", "peers_vqgan", "peers_vqvae2", "eval", "compile"]
+    assert list(stages) == stages_run
     for name, stage in stages.items():
         assert stage["status"] == "ok", (name, stage.get("error"), stage.get("stderr_tail", "")[-1500:])
         assert all(math.isfinite(value) for value in _numbers(stage)), name
@@ -160,6 +163,6 @@ def test_gpu_check_smoke_runs_every_stage_with_finite_figures(tmp_path):
         assert rosinality["peer_runs"][0]["params_M"] == 1.389
     else:
         assert stages["peers_vqvae2"]["peer_status"].startswith("skipped: no peers folder")
-    assert stages["peers_vqgan"]["peer_status"].startswith("skipped in --smoke")
+    # taming's loop is too slow for a CPU smoke run: skipped with its reason (or for the missing peers folder first).
+    assert stages["peers_vqgan"]["peer_status"].startswith("skipped in --smoke" if peers_folder else "skipped: no peers folder")
     assert all(stages["eval"]["timings_s"][k] > 0 for k in ("generate", "features", "fid", "kid", "prc"))
-    assert stages["compile"]["cells"][0]["project_img_per_s"] > 0

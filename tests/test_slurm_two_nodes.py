@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from helpers import TINY, read_metrics, run_train
-from test_slurm import START, _sbatch, _wait_done, preempt_twice
+from test_slurm import START, _sbatch, _wait_done, _wait_for, preempt_twice
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +75,25 @@ def test_two_nodes_preempted_twice_requeue_and_finish_exactly(two_node_reference
     final, reference = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference_dir))
     assert final["world_size"] == 4 and final["parameter_checksums"] == reference["parameter_checksums"]
     print(f"2 nodes: signal -> resumed: {[round(s, 1) for s in seconds]} s")
+
+
+def test_a_two_node_run_cancelled_and_resubmitted_on_one_node_trains_exactly_its_budget(two_node_cluster, tiny_shards, tmp_path):
+    """2 nodes x 2 processes, cancelled (plain scancel: no requeue) after a periodic checkpoint, then resubmitted on 1 node x 2."""
+    args = [*RUN_ARGS, "train.total_images=3200", "train.ckpt_every_images=640", f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs",
+            "run.name=moved"]
+    run_dir = tmp_path / "runs" / "moved"
+    job = _sbatch(tmp_path, "vae128.sh", *args, options=TWO_NODES)
+    log = tmp_path / f"{job}.out"
+    _wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-*")), 600, "a checkpoint of the 2-node run", log)
+    subprocess.run(["scancel", job], check=True)
+    assert _wait_done(job, log, timeout=300) == "CANCELLED"
+    one_node = ["--nodes=1", *TWO_NODES[1:]]
+    again = _sbatch(tmp_path, "vae128.sh", *args, options=one_node)
+    again_log = tmp_path / f"{again}.out"
+    assert _wait_done(again, again_log, timeout=600) == "COMPLETED", again_log.read_text()[-4000:]
+    text = again_log.read_text()
+    assert "resumed from" in text and "data layout changed (processes x data workers x batch x shuffle group: 4 x 1 x 8 x 4 -> 2 x 1 x 8 x 4)" in text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] and 3200 <= summary["images_seen"] < 3200 + 16
+    rows = read_metrics(run_dir)
+    assert [row["world_size"] for row in rows][0] == 4 and rows[-1]["world_size"] == 2
