@@ -123,12 +123,13 @@ class ShardSchedule:
 def slot_positions(spec: StreamSpec) -> list[tuple[int, int]]:
     """(slot, samples it has delivered) for every slot of `spec`'s layout after each rank consumed `spec.start_batch` batches."""
     workers = max(1, spec.num_workers)
-    positions = []
-    for rank in range(spec.world_size):
-        for logical in range(workers):
-            done = (spec.start_batch - logical + workers - 1) // workers if spec.start_batch > logical else 0
-            positions.append((rank * workers + logical, done * spec.batch_size))
-    return positions
+    return [(rank * workers + logical, _batches_done(spec.start_batch, logical, workers) * spec.batch_size)
+            for rank in range(spec.world_size) for logical in range(workers)]
+
+
+def _batches_done(start_batch: int, logical: int, workers: int) -> int:
+    """Batches logical slot `logical` of `workers` has produced once its rank consumed `start_batch` (round-robin)."""
+    return (start_batch - logical + workers - 1) // workers if start_batch > logical else 0
 
 
 def continue_after(old: StreamSpec) -> tuple[int, int]:
@@ -182,7 +183,7 @@ class ShardStream(IterableDataset):
         worker = self._worker_index()
         workers = max(1, spec.num_workers)
         logical = (worker + spec.start_batch) % workers
-        done = (spec.start_batch - logical + workers - 1) // workers if spec.start_batch > logical else 0
+        done = _batches_done(spec.start_batch, logical, workers)
         # After `start_batch` batches, logical slot L has produced `done` batches (contiguous in
         # its own stream). Request 0 of the new loader goes to worker 0, which plays B % W.
         return spec.rank * workers + logical, spec.world_size * workers, done * spec.batch_size

@@ -12,7 +12,6 @@ interrupted deletion never leaves a folder that counts.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from facegen_dist.data.shards import file_sha256
 from facegen_dist.errors import FacegenError
 from facegen_dist.train.strategy import deepspeed_weights_for_inference
 
@@ -56,20 +56,12 @@ def read_trainer_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
 
 
 def write_manifest(folder: Path, images_seen: int) -> None:
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _files(folder)}
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(folder)}
     _write_json_synced(folder / MANIFEST_FILE, {"format": FORMAT, "images_seen": images_seen, "files": files})
 
 
@@ -106,7 +98,7 @@ def checkpoint_problem(folder: Path, hashes: bool = True) -> str | None:
             return f"{name} missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} is {path.stat().st_size} bytes, the manifest says {expected['size']}"
-        if hashes and sha256_of(path) != expected["sha256"]:
+        if hashes and file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
