@@ -31,6 +31,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+# What gloo and NCCL say when a process of the group died (its node lost, killed, out of memory).
+LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
+
+
+def _lost_peer(error: RuntimeError) -> str | None:
+    """One line for a collective that failed because another process is gone; None for any other error."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not any(marker in first_line for marker in LOST_PEER_MARKERS):
+        return None
+    cause = first_line.split("] ", 1)[-1].split(". This is typically")[0]  # gloo: "[.../pair.cc:561] Connection closed by peer [host]:port."
+    return (f"rank {os.environ.get('RANK', '0')}: another training process is gone ({cause}); "
+            "the newest checkpoint is intact: run the same command to resume from it")
+
+
 def train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Train a model. Run it under `accelerate launch` for several GPUs/processes.",
@@ -46,6 +60,13 @@ def train_main(argv: list[str]) -> int:
         result = run(load_config(args.config, args.overrides))
     except FacegenError as error:
         return _fail(str(error))
+    except RuntimeError as error:
+        message = _lost_peer(error)
+        if message is None:
+            raise
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node: rank 0 may be the one that is gone
+            print(f"facegen: error: {message}", file=sys.stderr, flush=True)
+        return 2
     if result.get("preempted") and _is_main_rank():
         from facegen_dist.dist.slurm import after_preemption
 

@@ -41,6 +41,9 @@ TINY_VQGAN = [
 ]
 
 
+# Metrics with the tiny feature extractor of tests/plugins (on PYTHONPATH through _env): no Inception weights needed.
+EVAL_TINY = ["eval.extractor=tiny-test", "eval.plugins=[facegen_test_extractor]", "eval.batch_size=16", "eval.split=val"]
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

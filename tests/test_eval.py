@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics, laplacian_energy, psnr, sharpness, ssim, value_names
-from helpers import TINY, run_facegen, run_train
+from helpers import EVAL_TINY, TINY, run_facegen, run_train
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 
-EVAL = ["eval.extractor=tiny-test", "eval.plugins=[facegen_test_extractor]", "eval.batch_size=16", "eval.split=val"]
+EVAL = EVAL_TINY
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_a_shifted_set_is_far():

@@ -305,3 +305,36 @@ def test_overrides_may_stand_on_both_sides_of_config(tiny_shards, tmp_path):
     result = run_train(tmp_path, "train.total_images=64", "--config", str(config), *RUN_ARGS, f"data.path={tiny_shards}", "run.name=mixed")
     _ok(result)
     assert json.loads((tmp_path / "runs" / "mixed" / "summary.json").read_text())["images_seen"] == 64
+
+
+def test_the_exact_gradient_hook_raises_when_its_gather_fails_instead_of_averaging_an_unfilled_buffer(monkeypatch):
+    """A peer lost mid-step: the gather's future carries the error; the hook must pass it on (it once averaged torch.empty)."""
+    from facegen_dist.train import strategy
+
+    class FailedGather:
+        def get_future(self):
+            future = torch.futures.Future()
+            future.set_exception(RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:33467"))
+            return future
+
+    class Bucket:
+        def buffer(self):
+            return torch.ones(4)
+
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "group", type("G", (), {"WORLD": object()}))
+    for name in ("all_gather_single", "all_gather_into_tensor"):
+        monkeypatch.setattr(torch.distributed, name, lambda *args, **kwargs: FailedGather(), raising=False)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        strategy._rank_order_mean(None, Bucket()).wait()
+
+
+def test_a_lost_peer_is_one_line_and_other_runtime_errors_are_not_hidden():
+    from facegen_dist.cli import _lost_peer
+
+    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:33467. "
+                        "This is typically caused by a remote worker crashing. Check the logs of the remote worker before reporting an error.")
+    line = _lost_peer(gloo)
+    assert line.startswith("rank 0: another training process is gone (Connection closed by peer [127.0.0.1]:33467)")
+    assert "run the same command to resume" in line and "\n" not in line
+    assert _lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x16 and 32x4)")) is None

@@ -6,11 +6,11 @@ import re
 import pytest
 
 from facegen_dist.analysis.report import _fmt
-from helpers import TINY, TINY_VQVAE2, read_metrics, run_facegen, run_train
+from helpers import EVAL_TINY, TINY, TINY_VQVAE2, read_metrics, run_facegen, run_train
 
 pytestmark = pytest.mark.slow
 
-EVAL = ["eval.extractor=tiny-test", "eval.plugins=[facegen_test_extractor]", "eval.batch_size=16", "eval.split=val"]
+EVAL = EVAL_TINY
 NUMBER = re.compile(r"(?<![\w.\-])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![\w.])")
 
 

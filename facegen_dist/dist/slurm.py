@@ -77,16 +77,15 @@ def visible_gpus() -> int:
 def processes_per_node(requested: int, cpu: bool, env: dict | None = None) -> int:
     """One process per GPU allocated on this node; on CPU, `requested` (default 1)."""
     env = os.environ if env is None else env
-    host = socket.gethostname()
     if cpu:
         return max(1, requested)
     gpus = visible_gpus()
     allocated = int(env.get("SLURM_GPUS_ON_NODE") or 0)
     wanted = requested or allocated or gpus
     if gpus == 0:
-        raise FacegenError(f"node {host}: no GPU visible (SLURM_GPUS_ON_NODE={allocated or 'unset'}); ask for GPUs (--gpus-per-node) or train on CPU with FACEGEN_CPU=1")
+        raise FacegenError(f"no GPU visible (SLURM_GPUS_ON_NODE={allocated or 'unset'}); ask for GPUs (--gpus-per-node) or train on CPU with FACEGEN_CPU=1")
     if wanted > gpus:
-        raise FacegenError(f"node {host}: {wanted} processes per node asked for, {gpus} GPU(s) visible")
+        raise FacegenError(f"{wanted} processes per node asked for, {gpus} GPU(s) visible")
     return wanted
 
 
@@ -104,7 +103,7 @@ def check_train_args(train_args: list[str]) -> None:
 
 
 def accelerate_command(args, rdzv: Rendezvous, procs_per_node: int) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter, whatever PATH says
+    command = [sys.executable, "-m", "facegen_dist.dist.slurm"]  # run_accelerate_launch(), with this interpreter whatever PATH says
     if args.accelerate_config:
         command += ["--config_file", args.accelerate_config]
     total = rdzv.num_machines * procs_per_node
@@ -119,7 +118,21 @@ def accelerate_command(args, rdzv: Rendezvous, procs_per_node: int) -> list[str]
     return command + ["-m", "facegen_dist.cli", *args.command]
 
 
+def node_name() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def launch_main(argv: list[str]) -> int:
+    """Errors name this node: with several nodes, the job's log interleaves their lines."""
+    try:
+        return _launch(argv)
+    except FacegenError as error:
+        if "SLURM_JOB_ID" not in os.environ:
+            raise
+        raise FacegenError(f"node {node_name()}: {error}") from None
+
+
+def _launch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="facegen launch", description="Inside a SLURM job step (one task per node): start `accelerate launch` with the job's rendezvous.",
         epilog="Example (in an sbatch script): srun facegen launch -- train --config configs/vqgan_ffhq512.yaml run.name=x",
@@ -164,6 +177,37 @@ def launch_main(argv: list[str]) -> int:
     return returncode
 
 
+def run_accelerate_launch(argv: list[str]) -> int:
+    """`accelerate launch` with torchrun's own endings as one line naming this node instead of a traceback.
+
+    When another node's task fails, SLURM ends the step with SIGTERM and torchrun's agent raises
+    through accelerate (a 15-line traceback that hides srun's "error: <node>: task N" line).
+    """
+    from subprocess import CalledProcessError
+
+    from accelerate.commands.launch import main
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    sys.argv = ["accelerate launch", *argv]
+    where = f"facegen launch: node {node_name()}:"
+    try:
+        main()
+    except SignalException as stopped:
+        name = signal.Signals(stopped.sigval).name
+        print(f"{where} stopped by {name} (the job step was ended: a task failed on another node, or the job was cancelled)", file=sys.stderr, flush=True)
+        return 128 + int(stopped.sigval)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        cause = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"{where} the training process of rank {rank} failed first ({cause}); its own error is above", file=sys.stderr, flush=True)
+        return 1
+    except CalledProcessError as failed:  # one process: accelerate runs it with subprocess
+        print(f"{where} the training process failed (exit code {failed.returncode}); its own error is above", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def after_preemption() -> str:
     """Rank 0, checkpoint written: tell `facegen launch` to requeue, or requeue directly (no launcher)."""
     marker = os.environ.get(PREEMPT_MARKER_ENV)
@@ -182,3 +226,7 @@ def requeue_this_job() -> str:
     if result.returncode != 0:
         return f"scontrol requeue {job_id} failed ({result.stderr.strip() or result.returncode}); resubmit the same script to continue"
     return f"requeued SLURM job {job_id}; it resumes from the checkpoint when it starts again"
+
+
+if __name__ == "__main__":
+    sys.exit(run_accelerate_launch(sys.argv[1:]))

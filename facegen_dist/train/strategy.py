@@ -147,7 +147,8 @@ def _rank_order_mean(process_group, bucket) -> torch.futures.Future:
     gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
     future = gather(gathered, buffer, group=group, async_op=True).get_future()
 
-    def mean(_):
+    def mean(done):
+        done.value()  # a failed gather (a peer lost) raises here, instead of averaging an unfilled buffer
         parts = gathered.view(world, -1)
         total = parts[0].clone()
         for rank in range(1, world):
