@@ -338,3 +338,14 @@ def test_a_lost_peer_is_one_line_and_other_runtime_errors_are_not_hidden():
     assert line.startswith("rank 0: another training process is gone (Connection closed by peer [127.0.0.1]:33467)")
     assert "run the same command to resume" in line and "\n" not in line
     assert _lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x16 and 32x4)")) is None
+
+
+def test_a_deepspeed_checkpoint_that_cannot_be_converted_gives_a_reason_and_leaves_nothing(tmp_path):
+    from facegen_dist.train import universal_checkpoint
+
+    folder = tmp_path / "ckpt-000000000128"
+    (folder / "pytorch_model").mkdir(parents=True)  # no engine files in it
+    out = tmp_path / ".universal" / folder.name
+    reason = universal_checkpoint.convert(folder, out)
+    assert reason and "\n" not in reason
+    assert not out.exists() and sorted(p.name for p in folder.iterdir()) == ["pytorch_model"]

@@ -173,23 +173,35 @@ def test_sbatch_preempted_twice_requeues_and_matches_uninterrupted_run(reference
     print(f"requeue -> resumed: {[round(s, 1) for s in requeue_seconds]} s")
 
 
-def test_submitit_preempted_resumes_and_matches_uninterrupted_run(reference_run, tiny_shards, tmp_path):
-    import submitit
-
-    reference_dir, _ = reference_run
+def submit_and_preempt(tmp_path: Path, options: list[str], overrides: list[str], steps_before: int, timeout: float) -> tuple[str, Path, Path]:
+    """`facegen submit` a 2-process-per-node run named 'sub', preempt it the way submitit does after `steps_before` steps,
+    wait for it to finish; its job id, run folder and task 0's log."""
     result = run_facegen(
-        tmp_path, "submit", "--cpu", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", "debug", "--time", "60",
-        "--config", str(REPO / "configs" / "vae_avatars128.yaml"), *RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs", "run.name=sub",
+        tmp_path, "submit", *options, "--cpu", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", "debug", "--time", "60",
+        "--config", str(REPO / "configs" / "vae_avatars128.yaml"), *overrides, f"run.dir={tmp_path}/runs", "run.name=sub",
     )
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.split("facegen submit: job ")[1].split()[0]
+    nodes = options[options.index("--nodes") + 1] if "--nodes" in options else "1"
+    assert f"job {job_id} ({nodes} node(s) x 2 task(s))" in result.stdout, result.stdout
     run_dir = tmp_path / "runs" / "sub"
-    folder = run_dir / "submitit"
-    log = folder / f"{job_id}_0_log.err"
-    _wait_for(lambda: len(_rows(run_dir)) >= 40, 300, "40 steps", log)
-    submitit.SlurmJob(folder, job_id)._interrupt()  # submitit's own preemption: SIGTERM, then its USR2
-    _wait_for(lambda: log.exists() and "SLURM_RESTART_COUNT=1)" in log.read_text(), 300, "the requeued job to resume", log)
-    assert _wait_done(job_id, log) == "COMPLETED", log.read_text()[-4000:]
+    log = run_dir / "submitit" / f"{job_id}_0_log.err"
+    _wait_for(lambda: len(_rows(run_dir)) >= steps_before, timeout, f"{steps_before} steps", log)
+    submitit_job(run_dir, job_id)._interrupt()  # submitit's own preemption: SIGTERM, then its USR2
+    _wait_for(lambda: log.exists() and "SLURM_RESTART_COUNT=1)" in log.read_text(), timeout, "the requeued job to resume", log)
+    assert _wait_done(job_id, log, timeout=2 * timeout) == "COMPLETED", log.read_text()[-4000:]
+    return job_id, run_dir, log
+
+
+def submitit_job(run_dir: Path, job_id: str):
+    import submitit
+
+    return submitit.SlurmJob(run_dir / "submitit", job_id)
+
+
+def test_submitit_preempted_resumes_and_matches_uninterrupted_run(reference_run, tiny_shards, tmp_path):
+    reference_dir, _ = reference_run
+    job_id, run_dir, _ = submit_and_preempt(tmp_path, [], [*RUN_ARGS, f"data.path={tiny_shards}"], steps_before=40, timeout=300)
     # submitit's logs start afresh on the requeued run; SLURM's accounting keeps both runs.
     runs = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True).stdout.split()
     assert runs == ["REQUEUED", "COMPLETED"], runs
@@ -199,7 +211,7 @@ def test_submitit_preempted_resumes_and_matches_uninterrupted_run(reference_run,
     final = json.loads((run_dir / "summary.json").read_text())
     assert final["world_size"] == 2
     assert final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
-    assert submitit.SlurmJob(folder, job_id).result()["images_seen"] == 6400  # rank 0's result, as submitit's client sees it
+    assert submitit_job(run_dir, job_id).result()["images_seen"] == 6400  # rank 0's result, as submitit's client sees it
 
 
 def test_submit_local_runs_two_processes_without_slurm(tiny_shards, tmp_path):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import EVAL_TINY, REPO, TINY, read_metrics, run_facegen, run_train
-from test_slurm import START, _rows, _sbatch, _wait_done, _wait_for, preempt_twice
+from helpers import EVAL_TINY, TINY, read_metrics, run_facegen, run_train
+from test_slurm import START, _rows, _sbatch, _wait_done, _wait_for, preempt_twice, submit_and_preempt, submitit_job
 
 pytestmark = pytest.mark.slow
 
@@ -161,23 +161,8 @@ def test_a_node_lost_mid_run_ends_the_job_on_both_nodes_and_the_same_command_res
 
 def test_submit_on_two_nodes_preempted_requeued_finishes_exactly(two_node_reference, tiny_shards, tmp_path):
     """`facegen submit --nodes 2` (submitit: one task per process, 2 nodes x 2), preempted as submitit does it, requeued, finished."""
-    import submitit
-
     reference_dir, _ = two_node_reference
-    result = run_facegen(
-        tmp_path, "submit", "--nodes", "2", "--cpu", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", "debug", "--time", "60",
-        "--config", str(REPO / "configs" / "vae_avatars128.yaml"), *RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs", "run.name=sub",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "(2 node(s) x 2 task(s))" in result.stdout
-    job_id = result.stdout.split("facegen submit: job ")[1].split()[0]
-    run_dir = tmp_path / "runs" / "sub"
-    folder = run_dir / "submitit"
-    log = folder / f"{job_id}_0_log.err"
-    _wait_for(lambda: len(_rows(run_dir)) >= 30, 600, "30 steps", log)
-    submitit.SlurmJob(folder, job_id)._interrupt()  # submitit's own preemption: SIGTERM, then its USR2
-    _wait_for(lambda: log.exists() and "SLURM_RESTART_COUNT=1)" in log.read_text(), 600, "the requeued job to resume", log)
-    assert _wait_done(job_id, log, timeout=900) == "COMPLETED", log.read_text()[-4000:]
+    job_id, run_dir, _ = submit_and_preempt(tmp_path, ["--nodes", "2"], [*RUN_ARGS, f"data.path={tiny_shards}"], steps_before=30, timeout=600)
     runs = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State,NNodes"], capture_output=True, text=True).stdout.split()
     assert runs == ["REQUEUED|2", "COMPLETED|2"], runs
     expected, got = read_metrics(reference_dir), read_metrics(run_dir)
@@ -186,7 +171,7 @@ def test_submit_on_two_nodes_preempted_requeued_finishes_exactly(two_node_refere
     final = json.loads((run_dir / "summary.json").read_text())
     assert final["world_size"] == 4 and final["ranks_in_sync"]
     assert final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
-    assert submitit.SlurmJob(folder, job_id).result()["images_seen"] == 6400
+    assert submitit_job(run_dir, job_id).result()["images_seen"] == 6400
 
 
 # slurm/vqgan512.sh with configs/vqgan_ffhq512.yaml as they are (bf16, activation checkpointing, 2 x 4 micro-batches,

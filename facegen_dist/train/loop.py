@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -38,7 +39,7 @@ from facegen_dist.log.images import interleave_rows, save_grid
 from facegen_dist.log.logger import NullLogger, RunLogger, truncate_metrics
 from facegen_dist.log.stats import StatsCollector
 from facegen_dist.methods import build_method
-from facegen_dist.train import strategy
+from facegen_dist.train import strategy, universal_checkpoint
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.checkpoint import (
     checkpoint_folders, checkpoint_problem, list_checkpoints, load_ema_state, rank_file, read_trainer_state, save_checkpoint,
@@ -216,16 +217,26 @@ class Trainer:
             changed = changed_shapes(self.modules, folder, acc.unwrap_model)
             if changed:  # a config change, not damage: older checkpoints have the same shapes
                 raise ConfigError(f"{folder}: the model's shape differs from the checkpoint's ({changed}); resume with the run's own model.* settings")
-        elif saved.get("world_size", acc.num_processes) != acc.num_processes:
-            raise ConfigError(f"{folder}: a DeepSpeed checkpoint written by {saved['world_size']} processes cannot be resumed by "
-                              f"{acc.num_processes} (its optimizer state is partitioned per rank); resume with {saved['world_size']} processes")
+        universal = None
+        if self.deepspeed and saved.get("world_size", acc.num_processes) != acc.num_processes:
+            universal = self.run_dir / ".universal" / folder.name  # on storage every node sees
+            failure = universal_checkpoint.convert(folder, universal) if acc.is_main_process else None
+            if not self._agree(failure is None):
+                raise ConfigError(f"{folder}: written by {saved['world_size']} DeepSpeed processes; converting it to a universal checkpoint "
+                                  f"for {acc.num_processes} failed ({failure or 'on rank 0'}); resume with {saved['world_size']} processes")
+            self._resume_notes.append(f"DeepSpeed state re-partitioned from {saved['world_size']} to {acc.num_processes} processes (universal checkpoint)")
         try:
-            acc.load_state(str(folder))
+            with universal_checkpoint.loading_from(acc, universal) if universal else contextlib.nullcontext():
+                acc.load_state(str(folder))
             for index, (name, ema) in enumerate(self.ema.items()):
                 ema.load_state_dict(load_ema_state(folder, name, index))
             problem = non_finite_parameter({**self.modules, **{f"ema:{n}": e.ema_model for n, e in self.ema.items()}})
         except Exception as error:  # noqa: BLE001 — safetensors, torch and DeepSpeed raise many types for damaged files
             problem = f"loading failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        if universal is not None:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(universal.parent, ignore_errors=True)
         if not self._agree(problem is None):
             return problem or "loading failed on another rank"
         self._continue_state(saved, folder)
