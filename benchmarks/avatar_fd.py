@@ -27,7 +27,7 @@ from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics
 
 def features(net, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([net.features(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+        return torch.cat([net.features(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])
 
 
 def degrade(images: torch.Tensor, kind: str, level: float, generator: torch.Generator) -> torch.Tensor:
@@ -63,20 +63,28 @@ def main() -> None:
     rows = [("val (no degradation)", "-", fd(val))]
     for kind, levels in (("blur", (0.5, 1.0, 2.0)), ("noise", (0.05, 0.1, 0.2)), ("hue", (0.05, 0.15, 0.3))):
         rows += [(kind, level, fd(degrade(val, kind, level, generator))) for level in levels]
-    common = max({a["hair_color"] for a in val_attributes}, key=lambda c: sum(a["hair_color"] == c for a in val_attributes))
+    common = max(
+        {a["hair_color"] for a in val_attributes}, key=lambda c: sum(a["hair_color"] == c for a in val_attributes)
+    )
     one_colour = val[torch.tensor([a["hair_color"] == common for a in val_attributes])]
     # FD is biased upwards for small N: a random subset of the same size is the fair baseline.
     random_subset = val[torch.randperm(val.shape[0], generator=generator)[: one_colour.shape[0]]]
-    rows.append((f"random val subset (control for the next row)", f"n={random_subset.shape[0]}", fd(random_subset)))
+    rows.append(("random val subset (control for the next row)", f"n={random_subset.shape[0]}", fd(random_subset)))
     rows.append((f"attribute shift: hair_color={common} only", f"n={one_colour.shape[0]}", fd(one_colour)))
 
-    inception = "available" if _cached_inception().is_file() else "not on this machine (offline): Inception column omitted"
-    print(f"extractor {manifest['name']} (sha256 {manifest['sha256'][:12]}, feature dim {manifest['feature_dim']}); "
-          f"reference: first {reference.shape[0]} train images; Inception weights: {inception}")
+    inception = (
+        "available" if _cached_inception().is_file() else "not on this machine (offline): Inception column omitted"
+    )
+    print(
+        f"extractor {manifest['name']} (sha256 {manifest['sha256'][:12]}, feature dim {manifest['feature_dim']}); "
+        f"reference: first {reference.shape[0]} train images; Inception weights: {inception}"
+    )
     print("| degradation of val | level | fd_avatar |\n| --- | --- | --- |")
     for name, level, value in rows:
         print(f"| {name} | {level} | {value:.3f} |")
-    print(f"\nfeature extraction: {rate:.0f} img/s on {torch.get_num_threads()} CPU threads -> 10k images in {10_000 / rate:.0f} s")
+    print(
+        f"\nfeature extraction: {rate:.0f} img/s on {torch.get_num_threads()} CPU threads -> 10k images in {10_000 / rate:.0f} s"
+    )
     Path("avatar_fd_results.json").write_text(json.dumps({"rows": rows, "img_per_s": rate}, indent=2))
 
 

@@ -44,7 +44,6 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image, ImageFilter, features
-
 from timing import cpu_model, git_commit
 
 from facegen_dist.data.avatars import render_avatar
@@ -67,7 +66,10 @@ def photo_like(avatar: Image.Image, sigma: float, seed: int, index: int) -> Imag
 def render_images(num: int, size: int, seed: int, sigma: float) -> dict[str, list[Image.Image]]:
     """`num` avatars at `size` px, and their photo-like variants, by content."""
     avatars = [Image.open(io.BytesIO(render_avatar(seed, index, size)[0])).convert("RGB") for index in range(num)]
-    return {"avatar": avatars, "photo-like": [photo_like(image, sigma, seed, index) for index, image in enumerate(avatars)]}
+    return {
+        "avatar": avatars,
+        "photo-like": [photo_like(image, sigma, seed, index) for index, image in enumerate(avatars)],
+    }
 
 
 def encoder(fmt: str, jpg_quality: int, webp_quality: int):
@@ -93,7 +95,9 @@ def decode_augment(payloads: list[bytes], size: int, batch_size: int) -> None:
         torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def measure_size(images: dict[str, list[Image.Image]], size: int, formats: list[str], args: argparse.Namespace) -> list[dict]:
+def measure_size(
+    images: dict[str, list[Image.Image]], size: int, formats: list[str], args: argparse.Namespace
+) -> list[dict]:
     """Rows for every (content, format) at one size; each time is the best of `args.repeats` passes."""
     cells = []
     for content in CONTENTS:
@@ -101,20 +105,38 @@ def measure_size(images: dict[str, list[Image.Image]], size: int, formats: list[
             encode = encoder(fmt, args.jpg_quality, args.webp_quality)
             payloads = [encode(image) for image in images[content]]  # also warms the codec up
             decode_augment(payloads[:1], size, args.batch_size)
-            cells.append({"content": content, "size": size, "format": fmt, "encode": encode, "payloads": payloads,
-                          "encode_s": math.inf, "decode_s": math.inf})
+            cells.append(
+                {
+                    "content": content,
+                    "size": size,
+                    "format": fmt,
+                    "encode": encode,
+                    "payloads": payloads,
+                    "encode_s": math.inf,
+                    "decode_s": math.inf,
+                }
+            )
     # Repeats go round all cells rather than back to back, so a burst of load from other
     # processes on a shared machine cannot spoil every pass of one cell.
     for _ in range(args.repeats):
         for cell in cells:
-            cell["encode_s"] = min(cell["encode_s"], cpu_seconds(lambda: [cell["encode"](image) for image in images[cell["content"]]]))
-            cell["decode_s"] = min(cell["decode_s"], cpu_seconds(lambda: decode_augment(cell["payloads"], size, args.batch_size)))
-    return [{
-        "content": cell["content"], "size": size, "format": cell["format"],
-        "bytes_per_image": sum(map(len, cell["payloads"])) / len(cell["payloads"]),
-        "encode_ms_per_image": 1e3 * cell["encode_s"] / len(cell["payloads"]),
-        "decode_augment_images_per_s": len(cell["payloads"]) / cell["decode_s"],
-    } for cell in cells]
+            cell["encode_s"] = min(
+                cell["encode_s"], cpu_seconds(lambda: [cell["encode"](image) for image in images[cell["content"]]])
+            )
+            cell["decode_s"] = min(
+                cell["decode_s"], cpu_seconds(lambda: decode_augment(cell["payloads"], size, args.batch_size))
+            )
+    return [
+        {
+            "content": cell["content"],
+            "size": size,
+            "format": cell["format"],
+            "bytes_per_image": sum(map(len, cell["payloads"])) / len(cell["payloads"]),
+            "encode_ms_per_image": 1e3 * cell["encode_s"] / len(cell["payloads"]),
+            "decode_augment_images_per_s": len(cell["payloads"]) / cell["decode_s"],
+        }
+        for cell in cells
+    ]
 
 
 def jpeg_library() -> str:
@@ -128,12 +150,12 @@ def header(args: argparse.Namespace, load_at_start: float) -> dict[str, str]:
         "commit": git_commit(),
         "cpu": f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} torch thread)",
         "versions": f"torch {torch.__version__}, Pillow {PIL.__version__} ({jpeg_library()}, "
-                    f"libwebp {features.version('webp')}, zlib {features.version('zlib')}), Python {platform.python_version()}",
+        f"libwebp {features.version('webp')}, zlib {features.version('zlib')}), Python {platform.python_version()}",
         # Other processes' load makes the figures slower than the cores can do: the reader should see it.
         "load": f"1-min load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, on {os.cpu_count()} cores",
         "command": shlex.join(["python", *sys.argv]),
         "settings": f"jpg quality {args.jpg_quality} 4:4:4, webp quality {args.webp_quality}, png default compression; "
-                    f"{args.num} images per cell, batch {args.batch_size}, best of {args.repeats}; photo-like noise sigma {args.noise_sigma}",
+        f"{args.num} images per cell, batch {args.batch_size}, best of {args.repeats}; photo-like noise sigma {args.noise_sigma}",
     }
 
 
@@ -144,8 +166,10 @@ def print_table(info: dict[str, str], rows: list[dict]) -> None:
     print("| content | size | format | bytes/img | encode ms/img | decode+augment img/s per core |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['content']} | {row['size']} | {row['format']} | {row['bytes_per_image']:,.0f} | "
-              f"{row['encode_ms_per_image']:.2f} | {row['decode_augment_images_per_s']:,.0f} |")
+        print(
+            f"| {row['content']} | {row['size']} | {row['format']} | {row['bytes_per_image']:,.0f} | "
+            f"{row['encode_ms_per_image']:.2f} | {row['decode_augment_images_per_s']:,.0f} |"
+        )
 
 
 def main() -> None:
@@ -157,7 +181,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images stacked into one batch tensor")
     parser.add_argument("--jpg-quality", type=int, default=95)
     parser.add_argument("--webp-quality", type=int, default=90)
-    parser.add_argument("--noise-sigma", type=float, default=6.0, help="Gaussian pixel noise of the photo-like content (0-255 scale)")
+    parser.add_argument(
+        "--noise-sigma", type=float, default=6.0, help="Gaussian pixel noise of the photo-like content (0-255 scale)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="avatar set and noise seed")
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests: --sizes 32 --num 4 --repeats 1")

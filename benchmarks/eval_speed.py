@@ -30,15 +30,21 @@ def inception(device: torch.device) -> tuple[Extractor, bool]:
 
     weights = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if weights.is_file():
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+        network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)
+        )
         real = True
     else:  # timing only: skip the weight load, keep the architecture
-        with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
-             mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        with (
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}),
+        ):
             network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
         real = False
     network.eval().requires_grad_(False).to(device)
-    return Extractor("inception-v3-compat", network, {"fid": "2048", "kid": "2048", "prc": "2048"}, state_dict_sha256(network)), real
+    return Extractor(
+        "inception-v3-compat", network, {"fid": "2048", "kid": "2048", "prc": "2048"}, state_dict_sha256(network)
+    ), real
 
 
 def main() -> None:
@@ -81,12 +87,18 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     per_image = (timings["generate"] + timings["features"]) / args.num
-    print(f"device: {name}; N={args.num} at {args.resolution}px, batch {args.batch_size}; Inception weights: {'real' if real_weights else 'initial (timing only)'}")
+    print(
+        f"device: {name}; N={args.num} at {args.resolution}px, batch {args.batch_size}; Inception weights: {'real' if real_weights else 'initial (timing only)'}"
+    )
     print(f"  generate : {args.num / timings['generate']:8.1f} img/s")
     print(f"  features : {args.num / timings['features']:8.1f} img/s (Inception at 299 px)")
-    print(f"  fid      : {timings['fid']:8.2f} s   kid: {timings['kid']:.2f} s   prc: {timings['prc']:.2f} s (on N features)")
+    print(
+        f"  fid      : {timings['fid']:8.2f} s   kid: {timings['kid']:.2f} s   prc: {timings['prc']:.2f} s (on N features)"
+    )
     scaled = per_image * 10_000 + timings["fid"]
-    print(f"  FID-10k estimate: {scaled / 60:.1f} min (generation + features scale with N; cached reference features not counted)")
+    print(
+        f"  FID-10k estimate: {scaled / 60:.1f} min (generation + features scale with N; cached reference features not counted)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,13 @@ from helpers import TINY, _env, accelerate_command, kill9_tree  # noqa: E402 —
 
 from facegen_dist.data.make_avatars import make_avatar_dataset  # noqa: E402
 
-ARGS = [*TINY, "train.total_images=1280", "train.log_every_images=16", "train.sample_every_images=100000", "train.ckpt_every_images=64"]
+ARGS = [
+    *TINY,
+    "train.total_images=1280",
+    "train.log_every_images=16",
+    "train.sample_every_images=100000",
+    "train.ckpt_every_images=64",
+]
 
 
 def _summary(run_dir: Path) -> dict:
@@ -43,7 +49,9 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 def _run(cwd: Path, *args: str) -> float:
     start = time.perf_counter()
-    result = subprocess.run(accelerate_command(2, *ARGS, *args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        accelerate_command(2, *ARGS, *args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900
+    )
     if result.returncode != 0:
         raise SystemExit(f"faults: a run failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -63,41 +71,90 @@ def main() -> None:
     duration = _run(root, data, "run.name=reference", "train.ckpt_every_images=1000000")
     reference = root / "runs" / "reference"
     want_checksums, want_losses = _summary(reference)["parameter_checksums"], _losses(reference)
-    print(f"reference: {duration:.1f} s, {len(want_losses)} logged steps; {args.kills} kills at uniform moments of that span")
-    print("| trial | kill at s | during a checkpoint write | checkpoints left | resumed from | weights equal | losses equal |")
+    print(
+        f"reference: {duration:.1f} s, {len(want_losses)} logged steps; {args.kills} kills at uniform moments of that span"
+    )
+    print(
+        "| trial | kill at s | during a checkpoint write | checkpoints left | resumed from | weights equal | losses equal |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     trials = []
     for trial in range(args.kills):
         name = f"trial{trial}"
         run_dir = root / "runs" / name
-        launch = subprocess.Popen(accelerate_command(2, *ARGS, data, f"run.name={name}"), cwd=root, env=_env(), start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        delay = rng.uniform(0.3 * duration, 1.0 * duration)  # before ~30 % of the span the processes are still starting up
+        launch = subprocess.Popen(
+            accelerate_command(2, *ARGS, data, f"run.name={name}"),
+            cwd=root,
+            env=_env(),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        delay = rng.uniform(
+            0.3 * duration, 1.0 * duration
+        )  # before ~30 % of the span the processes are still starting up
         deadline = time.perf_counter() + delay
         while time.perf_counter() < deadline and launch.poll() is None:
             time.sleep(0.01)
         writing = any((run_dir / "checkpoints").glob(".tmp-ckpt-*"))
         finished = launch.poll() is not None
         kill9_tree(launch)
-        left = sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*")) if (run_dir / "checkpoints").is_dir() else []
-        rerun = subprocess.run(accelerate_command(2, *ARGS, data, f"run.name={name}"), cwd=root, env=_env(), capture_output=True, text=True,
-                               timeout=900)
-        resumed = next((line.split("resumed from ")[1].split(" at ")[0].rsplit("/", 1)[-1] for line in rerun.stderr.splitlines()
-                        if "resumed from" in line), "scratch")
+        left = (
+            sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*"))
+            if (run_dir / "checkpoints").is_dir()
+            else []
+        )
+        rerun = subprocess.run(
+            accelerate_command(2, *ARGS, data, f"run.name={name}"),
+            cwd=root,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        resumed = next(
+            (
+                line.split("resumed from ")[1].split(" at ")[0].rsplit("/", 1)[-1]
+                for line in rerun.stderr.splitlines()
+                if "resumed from" in line
+            ),
+            "scratch",
+        )
         ok = rerun.returncode == 0 and (run_dir / "summary.json").is_file()
-        row = {"trial": trial, "kill_at_s": round(delay, 2), "run_had_finished": finished, "during_checkpoint_write": writing,
-               "checkpoints_left": left, "resumed_from": resumed, "rerun_exit": rerun.returncode,
-               "weights_equal": ok and _summary(run_dir)["parameter_checksums"] == want_checksums,
-               "losses_equal": ok and _losses(run_dir) == want_losses}
+        row = {
+            "trial": trial,
+            "kill_at_s": round(delay, 2),
+            "run_had_finished": finished,
+            "during_checkpoint_write": writing,
+            "checkpoints_left": left,
+            "resumed_from": resumed,
+            "rerun_exit": rerun.returncode,
+            "weights_equal": ok and _summary(run_dir)["parameter_checksums"] == want_checksums,
+            "losses_equal": ok and _losses(run_dir) == want_losses,
+        }
         trials.append(row)
-        print(f"| {trial} | {delay:.1f} | {'yes' if writing else 'no'} | {len(left)} | {resumed} | {row['weights_equal']} | {row['losses_equal']} |",
-              flush=True)
+        print(
+            f"| {trial} | {delay:.1f} | {'yes' if writing else 'no'} | {len(left)} | {resumed} | {row['weights_equal']} | {row['losses_equal']} |",
+            flush=True,
+        )
     survived = sum(row["weights_equal"] and row["losses_equal"] for row in trials)
     during = sum(row["during_checkpoint_write"] for row in trials)
-    print(f"\nsurvived {survived}/{len(trials)} kills ({during} during a checkpoint write): rerun ended with the reference's weights and losses")
+    print(
+        f"\nsurvived {survived}/{len(trials)} kills ({during} during a checkpoint write): rerun ended with the reference's weights and losses"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": datetime.date.today().isoformat(), "reference_s": duration, "trials": trials,
-                                               "survived": survived}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": datetime.date.today().isoformat(),
+                    "reference_s": duration,
+                    "trials": trials,
+                    "survived": survived,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 

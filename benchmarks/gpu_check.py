@@ -155,7 +155,6 @@ def run_stage(name: str, args, scratch: Path, timeout: float, extra: dict) -> di
 
 def header(args) -> dict:
     import torch
-
     from timing import cpu_model, git_commit
 
     device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else cpu_model()
@@ -420,7 +419,6 @@ def project_cell(
     """The project's step at one cell, timed as bench_peers.py times the peers: synchronised perf_counter per step,
     median; one synthetic batch on the device (no loader). Then the split (synchronised segments) and FLOPs."""
     import torch
-
     from setups import Levers, SegmentTimer, Setup, load_method
     from throughput import GPU_PEAK_TFLOPS, matmul_rate_per_cpu_second, step_flops
 
@@ -713,8 +711,12 @@ def main() -> None:
         help="folder holding bench_peers.py (default ../shared/peers)",
     )
     parser.add_argument("--stages", nargs="*", choices=STAGES, default=STAGES)
-    parser.add_argument("--total-s", type=float, default=0.0,
-                        help="wall budget of all stages together (default 465 s; --smoke: 7 stages x their budget)")
+    parser.add_argument(
+        "--total-s",
+        type=float,
+        default=0.0,
+        help="wall budget of all stages together (default 465 s; --smoke: 7 stages x their budget)",
+    )
     parser.add_argument("--cap-gb", type=float, default=8.0, help="memory stage: the emulated card's size")
     parser.add_argument("--eval-num", type=int, default=10_000, help="eval stage: samples (smoke: 200)")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage in this process

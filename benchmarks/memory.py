@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
 import json
+import multiprocessing
 import platform
 import shlex
 import sys
@@ -54,11 +54,35 @@ CASES = [
 ]
 SMOKE_CASES = [
     ("VAE 32", "vae_avatars64", ["data.resolution=32", "model.channels=[8,16,16,32,32]", "model.latent_dim=16"]),
-    ("VQ-VAE2 32", "vqvae2_avatars64", ["data.resolution=32", "model.channels=16", "model.res_blocks=1", "model.res_channels=8",
-                                        "model.embed_dim=8", "model.num_codes=32", "model.downsample=4"]),
-    ("VQ-GAN 32", "vqgan_avatars64", ["data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]", "model.res_blocks=1",
-                                      "model.attn_resolutions=[8]", "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64",
-                                      "model.perceptual=tiny", "model.disc_channels=16"]),
+    (
+        "VQ-VAE2 32",
+        "vqvae2_avatars64",
+        [
+            "data.resolution=32",
+            "model.channels=16",
+            "model.res_blocks=1",
+            "model.res_channels=8",
+            "model.embed_dim=8",
+            "model.num_codes=32",
+            "model.downsample=4",
+        ],
+    ),
+    (
+        "VQ-GAN 32",
+        "vqgan_avatars64",
+        [
+            "data.resolution=32",
+            "model.channels=16",
+            "model.channel_mult=[1,2,2]",
+            "model.res_blocks=1",
+            "model.attn_resolutions=[8]",
+            "model.z_channels=16",
+            "model.embed_dim=16",
+            "model.num_codes=64",
+            "model.perceptual=tiny",
+            "model.disc_channels=16",
+        ],
+    ),
 ]
 LEVERS = [
     Levers(),
@@ -85,7 +109,11 @@ def retained_per_image(setup: Setup, images: torch.Tensor) -> int:
 
 def estimate_gb(setup: Setup, activations_per_image: int, batch: int, strategy: str, gpus: int) -> float | None:
     trainable = sum(p.numel() for module in setup.modules.values() for p in module.parameters())
-    frozen = sum(p.numel() for p in setup.method.perceptual.parameters()) if getattr(setup.method, "perceptual", None) is not None else 0
+    frozen = (
+        sum(p.numel() for p in setup.method.perceptual.parameters())
+        if getattr(setup.method, "perceptual", None) is not None
+        else 0
+    )
     per_param_weights = 4 + (2 if setup.levers.bf16 else 0)  # fp32 master + autocast's bf16 copy
     weights, grads, adam = trainable * per_param_weights, trainable * 4, trainable * 8
     if strategy != "ddp" and len(setup.phases) > 1:
@@ -154,9 +182,17 @@ def measure_row(label: str, config: str, overrides: list[str], levers: Levers, a
     per_image = retained_per_image(setup, setup.inputs((probe * 255).to(torch.uint8)))
     estimates = {s: estimate_gb(setup, per_image, args["batch"], s, args["gpus"]) for s in STRATEGIES}
     fixed_gb = estimate_gb(setup, 0, 0, "ddp", args["gpus"])
-    row = {"model": label, "config": config, "overrides": overrides, "resolution": resolution, "params_m": setup.num_params() / 1e6,
-           "levers": levers.label(), "activation_mb_per_image": per_image / 2**20, "estimate_gb": estimates,
-           "max_batch_in_cap": max(0, int((args["cap_gb"] - fixed_gb) * GB // max(per_image, 1)))}
+    row = {
+        "model": label,
+        "config": config,
+        "overrides": overrides,
+        "resolution": resolution,
+        "params_m": setup.num_params() / 1e6,
+        "levers": levers.label(),
+        "activation_mb_per_image": per_image / 2**20,
+        "estimate_gb": estimates,
+        "max_batch_in_cap": max(0, int((args["cap_gb"] - fixed_gb) * GB // max(per_image, 1))),
+    }
     batches = args.get("batches") or []
     if batches:
         row["estimate_gb_by_batch"] = {b: estimate_gb(setup, per_image, b, "ddp", args["gpus"]) for b in batches}
@@ -179,14 +215,31 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, default=8, help="per-GPU batch the figures are for")
     parser.add_argument("--gpus", type=int, default=8, help="N for the ZeRO columns")
-    parser.add_argument("--cap-gb", type=float, default=8.0, help="the per-GPU budget: GPU mode caps the process at it; the max-batch column uses it")
-    parser.add_argument("--probe-batch", type=int, default=1, help="images in the measured forward (the activation term is per image)")
+    parser.add_argument(
+        "--cap-gb",
+        type=float,
+        default=8.0,
+        help="the per-GPU budget: GPU mode caps the process at it; the max-batch column uses it",
+    )
+    parser.add_argument(
+        "--probe-batch", type=int, default=1, help="images in the measured forward (the activation term is per image)"
+    )
     parser.add_argument("--cases", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--levers", nargs="*", choices=list(LEVER_NAMES), help="lever rows to run (default: all)")
-    parser.add_argument("--batches", nargs="*", type=int, default=[],
-                        help="also these micro-batches: the ddp estimate for each and, on CUDA, the measured peak")
-    parser.add_argument("--max-batch", type=int, default=0, metavar="LIMIT",
-                        help="CUDA: search the largest micro-batch that fits --cap-gb (up to LIMIT), measuring each tried")
+    parser.add_argument(
+        "--batches",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also these micro-batches: the ddp estimate for each and, on CUDA, the measured peak",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        metavar="LIMIT",
+        help="CUDA: search the largest micro-batch that fits --cap-gb (up to LIMIT), measuring each tried",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny 32 px models, batch 2, for the tests")
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     args = parser.parse_args()
@@ -196,28 +249,48 @@ def main() -> None:
     if args.cases:
         cases = [case for case in cases if case[0] in args.cases]
         if not cases:
-            raise SystemExit(f"memory: no case among {args.cases}; known: {', '.join(label for label, _, _ in (SMOKE_CASES if args.smoke else CASES))}")
+            raise SystemExit(
+                f"memory: no case among {args.cases}; known: {', '.join(label for label, _, _ in (SMOKE_CASES if args.smoke else CASES))}"
+            )
 
     device = torch.device(args.device)
     if device.type == "cuda":
         name = f"{torch.cuda.get_device_name(device)} capped at {args.cap_gb:g} GB"
     else:
         name = f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
-    header = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": name, "torch": torch.__version__,
-              "command": shlex.join(["python", *sys.argv]), "batch": args.batch, "gpus_for_zero": args.gpus}
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "device": name,
+        "torch": torch.__version__,
+        "command": shlex.join(["python", *sys.argv]),
+        "batch": args.batch,
+        "gpus_for_zero": args.gpus,
+    }
     print(f"{header['date']}; commit {header['commit']}; {name}; torch {torch.__version__}")
-    print(f"`{header['command']}`: per-GPU GB at batch {args.batch}; ZeRO columns for {args.gpus} GPUs; "
-          f"estimate = measured saved activations x batch + weights/grads/AdamW from the parameter count (see the docstring)")
+    print(
+        f"`{header['command']}`: per-GPU GB at batch {args.batch}; ZeRO columns for {args.gpus} GPUs; "
+        f"estimate = measured saved activations x batch + weights/grads/AdamW from the parameter count (see the docstring)"
+    )
     print()
     columns = " | ".join(f"est. {s}" for s in STRATEGIES)
-    print(f"| model | params (M) | levers | act. MB/img (measured) | {columns} | est. max batch in {args.cap_gb:g} GB (ddp) |"
-          + (" measured peak, 1 GPU |" if device.type == "cuda" else ""))
-    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in STRATEGIES) + " | ---" + (" | --- |" if device.type == "cuda" else " |"))
+    print(
+        f"| model | params (M) | levers | act. MB/img (measured) | {columns} | est. max batch in {args.cap_gb:g} GB (ddp) |"
+        + (" measured peak, 1 GPU |" if device.type == "cuda" else "")
+    )
+    print(
+        "| --- | --- | --- | --- | "
+        + " | ".join("---" for _ in STRATEGIES)
+        + " | ---"
+        + (" | --- |" if device.type == "cuda" else " |")
+    )
 
     rows = []
     # Each row in a fresh process: a row's retained tensors and heap must not carry into the next one
     # (in one process the 512 px VQ-GAN rows ran a 24 GB machine out of memory; alone, a row peaks at 3-12 GB).
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+    ) as pool:
         for label, config, overrides in cases:
             for levers in [LEVER_NAMES[name] for name in args.levers] if args.levers else LEVERS:
                 row = pool.submit(measure_row, label, config, overrides, levers, vars(args)).result()

@@ -21,14 +21,19 @@ from timing import best_of
 from facegen_dist.models.pixelcnn import GatedPixelCNN
 
 
-def seconds_per_image(model: GatedPixelCNN, num: int, grid: int, cond_codes: int, fast: bool, device: torch.device,
-                      repeats: int = 1) -> tuple[float, torch.Tensor]:
+def seconds_per_image(
+    model: GatedPixelCNN, num: int, grid: int, cond_codes: int, fast: bool, device: torch.device, repeats: int = 1
+) -> tuple[float, torch.Tensor]:
     """The best of `repeats` sample calls (on a shared machine the minimum is the least noisy), per image."""
     cond = None
     if cond_codes:
         side = grid // model.cond_scale
         cond = torch.randint(0, cond_codes, (num, side, side), generator=torch.Generator().manual_seed(1))
-    best, codes = best_of(lambda: model.sample(num, grid, grid, cond, generator=torch.Generator().manual_seed(0), fast=fast), device, repeats)
+    best, codes = best_of(
+        lambda: model.sample(num, grid, grid, cond, generator=torch.Generator().manual_seed(0), fast=fast),
+        device,
+        repeats,
+    )
     return best / num, codes
 
 
@@ -38,12 +43,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--kernel", type=int, default=5)
     parser.add_argument("--num-codes", type=int, default=512)
-    parser.add_argument("--cond-codes", type=int, default=0, help="> 0: condition on a grid/2 code grid (a VQ-VAE-2 bottom prior)")
+    parser.add_argument(
+        "--cond-codes", type=int, default=0, help="> 0: condition on a grid/2 code grid (a VQ-VAE-2 bottom prior)"
+    )
     parser.add_argument("--grid", type=int, default=16, help="side of the code grid for the fast sampler")
     parser.add_argument("--num", type=int, default=8, help="images per sample call (the batch)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)")
-    parser.add_argument("--compare-naive", action="store_true", help="also time the naive loop (one full forward per position)")
+    parser.add_argument(
+        "--compare-naive", action="store_true", help="also time the naive loop (one full forward per position)"
+    )
     parser.add_argument("--naive-grid", type=int, default=8, help="grid side for the naive comparison")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per row; the fastest is reported")
     args = parser.parse_args()
@@ -52,11 +61,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = GatedPixelCNN(args.num_codes, args.channels, args.layers, args.kernel, cond_codes=args.cond_codes).to(device).eval()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    model = (
+        GatedPixelCNN(args.num_codes, args.channels, args.layers, args.kernel, cond_codes=args.cond_codes)
+        .to(device)
+        .eval()
+    )
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"{name}; torch {torch.__version__}; {datetime.date.today().isoformat()}")
-    print(f"GatedPixelCNN: {args.num_codes} codes, {args.channels} channels, {args.layers} layers, kernel {args.kernel}, "
-          f"cond_codes {args.cond_codes}; {args.num} images per call, best of {args.repeats} calls")
+    print(
+        f"GatedPixelCNN: {args.num_codes} codes, {args.channels} channels, {args.layers} layers, kernel {args.kernel}, "
+        f"cond_codes {args.cond_codes}; {args.num} images per call, best of {args.repeats} calls"
+    )
 
     def timed(grid: int, fast: bool) -> tuple[float, torch.Tensor]:
         return seconds_per_image(model, args.num, grid, args.cond_codes, fast, device, args.repeats)
@@ -78,6 +97,7 @@ def main() -> None:
             print(f"| {grid}x{grid} | {fast:.4f} | - | - | - |")
         else:
             print(f"| {grid}x{grid} | {fast:.4f} | {naive:.4f} | {naive / fast:.1f}x | {'yes' if same else 'NO'} |")
+
 
 if __name__ == "__main__":
     main()

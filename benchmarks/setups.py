@@ -34,8 +34,17 @@ class Levers:
     compile: bool = False
 
     def label(self) -> str:
-        parts = [name for name, on in (("bf16", self.bf16), ("channels_last", self.channels_last), ("fused/foreach AdamW", self.fused_optimizer),
-                                       ("act. ckpt", self.activation_checkpointing), ("compile", self.compile)) if on]
+        parts = [
+            name
+            for name, on in (
+                ("bf16", self.bf16),
+                ("channels_last", self.channels_last),
+                ("fused/foreach AdamW", self.fused_optimizer),
+                ("act. ckpt", self.activation_checkpointing),
+                ("compile", self.compile),
+            )
+            if on
+        ]
         return " + ".join(parts) or "naive (fp32, NCHW, for-loop AdamW)"
 
 
@@ -49,14 +58,20 @@ def random_vgg16_weights(folder: Path) -> str:
 
     path = folder / "vgg16-random.pth"
     if not path.exists():
-        torch.save({k: v for k, v in torchvision.models.vgg16(weights=None).state_dict().items() if k.startswith("features.")}, path)
+        torch.save(
+            {k: v for k, v in torchvision.models.vgg16(weights=None).state_dict().items() if k.startswith("features.")},
+            path,
+        )
     return str(path)
 
 
 def load_method(config: str, overrides: list[str], scratch: Path):
     """(cfg, method) for a shipped config name ('vqgan_ffhq512') or path; a vgg16 perceptual loss gets random trunk weights."""
     path = Path(config) if Path(config).suffix == ".yaml" else CONFIGS / f"{config}.yaml"
-    overrides = ["data.path=embedded:avatars", *overrides]  # the benchmarks feed their own images; the config's shards may not exist here
+    overrides = [
+        "data.path=embedded:avatars",
+        *overrides,
+    ]  # the benchmarks feed their own images; the config's shards may not exist here
     cfg = load_config([str(path)], overrides)
     if getattr(cfg.model, "perceptual", None) == "vgg16" and not cfg.model.perceptual_weights:
         cfg = load_config([str(path)], [*overrides, f"model.perceptual_weights={random_vgg16_weights(scratch)}"])
@@ -79,9 +94,15 @@ class Setup:
             checkpoint_blocks(modules, method.checkpoint_blocks(), cfg.model.name)
         method.prepare_training()
         memory_format = torch.channels_last if levers.channels_last else torch.contiguous_format
-        self.modules = {name: module.to(device, memory_format=memory_format).train() for name, module in modules.items()}
+        self.modules = {
+            name: module.to(device, memory_format=memory_format).train() for name, module in modules.items()
+        }
         self.phases = method.phases()
-        kwargs = ({"fused": True} if device.type == "cuda" else {"foreach": True}) if levers.fused_optimizer else {"foreach": False}
+        kwargs = (
+            ({"fused": True} if device.type == "cuda" else {"foreach": True})
+            if levers.fused_optimizer
+            else {"foreach": False}
+        )
         self.optimizers = {phase.name: phase_optimizer(phase, self.modules, cfg, **kwargs) for phase in self.phases}
         self.images_seen = images_seen_for_all_phases(cfg)
         if levers.compile:

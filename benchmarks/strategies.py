@@ -39,7 +39,11 @@ METHODS = [
 ]
 SMOKE_METHODS = [
     ("VAE", "vae_avatars64", ["data.resolution=32", "model.channels=[8,16,16,32,32]", "model.latent_dim=16"]),
-    ("DCGAN", "dcgan_avatars64", ["data.resolution=32", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8"]),
+    (
+        "DCGAN",
+        "dcgan_avatars64",
+        ["data.resolution=32", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8"],
+    ),
 ]
 
 
@@ -49,13 +53,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(strategy: str, config: str, overrides: list[str], args, data: Path, run_dir: Path, name: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{strategy}.yaml"),
-               "--num_processes", str(args.processes), "--main_process_port", str(free_port()), "--mixed_precision", args.precision,
-               str(REPO / "train.py"), "--config", str(REPO / "configs" / f"{config}.yaml"), *overrides,
-               f"data.path={data}", f"run.dir={run_dir}", f"run.name={name}", f"train.total_images={args.images}",
-               f"train.batch_size={args.batch}", "log.wandb=off", "log.progress=false", "data.num_workers=1",
-               "train.sample_every_images=100000000", f"train.log_every_images={args.images // 4}", "eval.every_images=0"]
+def launch(
+    strategy: str, config: str, overrides: list[str], args, data: Path, run_dir: Path, name: str
+) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / f"{strategy}.yaml"),
+        "--num_processes",
+        str(args.processes),
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        args.precision,
+        str(REPO / "train.py"),
+        "--config",
+        str(REPO / "configs" / f"{config}.yaml"),
+        *overrides,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        f"run.name={name}",
+        f"train.total_images={args.images}",
+        f"train.batch_size={args.batch}",
+        "log.wandb=off",
+        "log.progress=false",
+        "data.num_workers=1",
+        "train.sample_every_images=100000000",
+        f"train.log_every_images={args.images // 4}",
+        "eval.every_images=0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if not args.gpu and strategy == "ddp":
         env["ACCELERATE_USE_CPU"] = "true"  # plain DDP on CPU; DeepSpeed and FSDP configs are launched as they are
@@ -67,10 +95,20 @@ def launch(strategy: str, config: str, overrides: list[str], args, data: Path, r
 def cell(result: subprocess.CompletedProcess, summary_path: Path) -> dict:
     if result.returncode == 0 and summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        return {"works": True, "img_per_s": summary["img_per_s_mean"], "peak_mem_gb": summary["final"].get("peak_mem_gb"),
-                "ranks_in_sync": summary["ranks_in_sync"], "strategy": summary.get("strategy"), "world_size": summary["world_size"]}
+        return {
+            "works": True,
+            "img_per_s": summary["img_per_s_mean"],
+            "peak_mem_gb": summary["final"].get("peak_mem_gb"),
+            "ranks_in_sync": summary["ranks_in_sync"],
+            "strategy": summary.get("strategy"),
+            "world_size": summary["world_size"],
+        }
     errors = [line for line in result.stderr.splitlines() if line.startswith("facegen: error:")]
-    reason = errors[0].removeprefix("facegen: error: ") if errors else f"exit {result.returncode}: " + result.stderr.strip().splitlines()[-1][:200]
+    reason = (
+        errors[0].removeprefix("facegen: error: ")
+        if errors
+        else f"exit {result.returncode}: " + result.stderr.strip().splitlines()[-1][:200]
+    )
     return {"works": False, "reason": reason}
 
 
@@ -93,9 +131,16 @@ def main() -> None:
     from facegen_dist.data.make_avatars import make_avatar_dataset
 
     scratch = scratch_dir()
-    header = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "command": shlex.join(["python", *sys.argv]),
-              "machine": "GPU" if args.gpu else f"{cpu_model()}, {os.cpu_count()} cores", "processes": args.processes}
-    print(f"{header['date']}; commit {header['commit']}; {header['machine']}; {args.processes} processes; `{header['command']}`")
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "command": shlex.join(["python", *sys.argv]),
+        "machine": "GPU" if args.gpu else f"{cpu_model()}, {os.cpu_count()} cores",
+        "processes": args.processes,
+    }
+    print(
+        f"{header['date']}; commit {header['commit']}; {header['machine']}; {args.processes} processes; `{header['command']}`"
+    )
     print(f"{args.images} images per run, batch {args.batch} per process, --mixed_precision {args.precision}")
     print()
     print("| method | " + " | ".join(args.strategies) + " |")
@@ -105,7 +150,9 @@ def main() -> None:
         resolution = next((int(o.split("=")[1]) for o in overrides if o.startswith("data.resolution=")), 64)
         if resolution not in datasets:
             datasets[resolution] = scratch / f"avatars{resolution}"
-            make_avatar_dataset(datasets[resolution], num=400, size=resolution, seed=0, samples_per_shard=50, workers=2, progress=False)
+            make_avatar_dataset(
+                datasets[resolution], num=400, size=resolution, seed=0, samples_per_shard=50, workers=2, progress=False
+            )
         texts = []
         for strategy in args.strategies:
             run_dir = scratch / "runs"
@@ -113,8 +160,13 @@ def main() -> None:
             name = f"{config}-{strategy}"
             started = time.perf_counter()
             result = launch(strategy, config, overrides, args, datasets[resolution], run_dir, name)
-            entry = {"method": label, "config": config, "strategy_config": strategy, "wall_s": time.perf_counter() - started,
-                     **cell(result, run_dir / name / "summary.json")}
+            entry = {
+                "method": label,
+                "config": config,
+                "strategy_config": strategy,
+                "wall_s": time.perf_counter() - started,
+                **cell(result, run_dir / name / "summary.json"),
+            }
             cells.append(entry)
             if entry["works"]:
                 sync = "" if entry["ranks_in_sync"] else ", RANKS DIFFER"

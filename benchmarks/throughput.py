@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from setups import BASELINE, Levers, Setup, SegmentTimer, load_method, scratch_dir
+from setups import BASELINE, Levers, SegmentTimer, Setup, load_method, scratch_dir
 from timing import best_of, cpu_model, git_commit
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,8 +49,18 @@ from facegen_dist.dist.teardown import end_without_teardown
 CPU_CONFIGS = ["vae_avatars64", "vqvae2_avatars64", "vqgan_avatars64", "dcgan_avatars64", "introvae_avatars64"]
 SMOKE = {
     "vae_avatars64": ["data.resolution=32", "model.channels=[8,16,16,32,32]", "model.latent_dim=16"],
-    "vqgan_avatars64": ["data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]", "model.res_blocks=1", "model.attn_resolutions=[8]",
-                        "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64", "model.perceptual=tiny", "model.disc_channels=16"],
+    "vqgan_avatars64": [
+        "data.resolution=32",
+        "model.channels=16",
+        "model.channel_mult=[1,2,2]",
+        "model.res_blocks=1",
+        "model.attn_resolutions=[8]",
+        "model.z_channels=16",
+        "model.embed_dim=16",
+        "model.num_codes=64",
+        "model.perceptual=tiny",
+        "model.disc_channels=16",
+    ],
 }
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity), by a substring of the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
@@ -101,15 +111,25 @@ def gpu_peak(device: torch.device, override_tflops: float) -> tuple[float, str] 
     raise SystemExit(f"throughput: no peak known for '{name}'; pass --peak-tflops")
 
 
-CPU_PEAK_NOTE = (f"CPU: mfu = step FLOPs per CPU-second (process_time of the timed steps) / a 1-thread fp32 "
-                 f"{MATMUL_SIDE}^2 matmul's FLOP per CPU-second; mfu_wall = step FLOP/s / the mean wall rate of that "
-                 f"matmul at the run's threads, measured right before and after each row")
+CPU_PEAK_NOTE = (
+    f"CPU: mfu = step FLOPs per CPU-second (process_time of the timed steps) / a 1-thread fp32 "
+    f"{MATMUL_SIDE}^2 matmul's FLOP per CPU-second; mfu_wall = step FLOP/s / the mean wall rate of that "
+    f"matmul at the run's threads, measured right before and after each row"
+)
 
 
 def shards_for(resolution: int, num: int, root: Path) -> Path:
     out = root / f"avatars{resolution}"
     if not (out / "manifest.json").exists():
-        make_avatar_dataset(out, num=num, size=resolution, seed=0, samples_per_shard=64, workers=min(4, os.cpu_count() or 1), progress=False)
+        make_avatar_dataset(
+            out,
+            num=num,
+            size=resolution,
+            seed=0,
+            samples_per_shard=64,
+            workers=min(4, os.cpu_count() or 1),
+            progress=False,
+        )
     return out
 
 
@@ -147,8 +167,11 @@ def measure(setup: Setup, data, warmup: int, steps: int) -> dict:
             images = setup.inputs(next(data)["image"])
         setup.step(images, timer)
     split_total = sum(timer.seconds.values())
-    return {"step_s": seconds / steps, "step_cpu_s": cpu_seconds / steps,
-            "split": {k: v / split_total for k, v in timer.seconds.items()}}
+    return {
+        "step_s": seconds / steps,
+        "step_cpu_s": cpu_seconds / steps,
+        "split": {k: v / split_total for k, v in timer.seconds.items()},
+    }
 
 
 def allreduce_worker(rank: int, world: int, port: int, sizes: dict[str, int], repeats: int, out: str) -> None:
@@ -185,18 +208,28 @@ def measure_allreduce(sizes: dict[str, int], repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="*", help=f"shipped config names or paths (default on CPU: {' '.join(CPU_CONFIGS)})")
+    parser.add_argument(
+        "--configs", nargs="*", help=f"shipped config names or paths (default on CPU: {' '.join(CPU_CONFIGS)})"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, default=0, help="per-process batch (0: each config's train.batch_size)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="data loader workers")
     parser.add_argument("--bf16", action="store_true", help="tuned row with bf16 autocast on CPU too (always on CUDA)")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="tuned row with activation checkpointing (memory for speed)")
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="tuned row with activation checkpointing (memory for speed)",
+    )
     parser.add_argument("--compile", action="store_true", help="add a tuned + torch.compile row")
     parser.add_argument("--comm", action="store_true", help="measure the gradient all-reduce with 2 processes")
-    parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="the device's peak for MFU (default: known GPUs' data sheet; CPU: measured per row)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="the device's peak for MFU (default: known GPUs' data sheet; CPU: measured per row)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny 32 px models, batch 4, 2 steps, for the tests")
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     args = parser.parse_args()
@@ -209,17 +242,36 @@ def main() -> None:
     device = torch.device(args.device)
     fixed_peak = gpu_peak(device, args.peak_tflops)
     peak_note = fixed_peak[1] if fixed_peak else CPU_PEAK_NOTE
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
-    header = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": name, "torch": torch.__version__, "peak": peak_note,
-              "command": shlex.join(["python", *sys.argv])}
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "device": name,
+        "torch": torch.__version__,
+        "peak": peak_note,
+        "command": shlex.join(["python", *sys.argv]),
+    }
     print(f"{header['date']}; commit {header['commit']}; {name}; torch {torch.__version__}; MFU peak {peak_note}")
-    print(f"`{header['command']}`: {args.steps} timed steps after {args.warmup} warm-up; data from {args.workers} loader workers")
+    print(
+        f"`{header['command']}`: {args.steps} timed steps after {args.warmup} warm-up; data from {args.workers} loader workers"
+    )
     print()
-    print("| config | px | batch | params (M) | loop | img/s | x naive | data / fwd / bwd / optim % | GFLOP/img | MFU % | "
-          "MFU % (wall) | loader img/s | loader / step |")
+    print(
+        "| config | px | batch | params (M) | loop | img/s | x naive | data / fwd / bwd / optim % | GFLOP/img | MFU % | "
+        "MFU % (wall) | loader img/s | loader / step |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
-    tuned = Levers(bf16=args.bf16 or device.type == "cuda", channels_last=True, fused_optimizer=True, activation_checkpointing=args.activation_checkpointing)
+    tuned = Levers(
+        bf16=args.bf16 or device.type == "cuda",
+        channels_last=True,
+        fused_optimizer=True,
+        activation_checkpointing=args.activation_checkpointing,
+    )
     loops = [BASELINE, tuned] + ([Levers(**{**tuned.__dict__, "compile": True})] if args.compile else [])
     scratch, rows, grad_sizes = scratch_dir(), [], {}
     for config in configs:
@@ -247,15 +299,33 @@ def main() -> None:
                 peaks = {"peak_wall_gflops": wall_peak / 1e9, "peak_gflops_per_cpu_s": per_cpu_second / 1e9}
             naive_rate = naive_rate or rate
             split = result["split"]
-            row = {"config": config, "resolution": resolution, "batch": batch, "params_m": setup.num_params() / 1e6, "loop": levers.label(),
-                   "img_per_s": rate, "ratio_to_naive": rate / naive_rate, "split": split, "gflop_per_image": flops / batch / 1e9,
-                   "mfu": mfu, "mfu_wall": mfu_wall, "step_cpu_s": result["step_cpu_s"], **peaks,
-                   "loader_img_per_s": loader, "loader_over_step": loader / rate}
+            row = {
+                "config": config,
+                "resolution": resolution,
+                "batch": batch,
+                "params_m": setup.num_params() / 1e6,
+                "loop": levers.label(),
+                "img_per_s": rate,
+                "ratio_to_naive": rate / naive_rate,
+                "split": split,
+                "gflop_per_image": flops / batch / 1e9,
+                "mfu": mfu,
+                "mfu_wall": mfu_wall,
+                "step_cpu_s": result["step_cpu_s"],
+                **peaks,
+                "loader_img_per_s": loader,
+                "loader_over_step": loader / rate,
+            }
             rows.append(row)
-            shares = " / ".join(f"{100 * split.get(k, 0):.0f}" for k in ("data wait", "forward", "backward", "optimizer"))
-            print(f"| {config} | {resolution} | {batch} | {row['params_m']:.2f} | {row['loop']} | {rate:.1f} | {row['ratio_to_naive']:.2f} | {shares} | "
-                  f"{row['gflop_per_image']:.2f} | {100 * row['mfu']:.1f} | {'-' if mfu_wall is None else f'{100 * mfu_wall:.1f}'} | "
-                  f"{loader:.0f} | {row['loader_over_step']:.1f} |", flush=True)
+            shares = " / ".join(
+                f"{100 * split.get(k, 0):.0f}" for k in ("data wait", "forward", "backward", "optimizer")
+            )
+            print(
+                f"| {config} | {resolution} | {batch} | {row['params_m']:.2f} | {row['loop']} | {rate:.1f} | {row['ratio_to_naive']:.2f} | {shares} | "
+                f"{row['gflop_per_image']:.2f} | {100 * row['mfu']:.1f} | {'-' if mfu_wall is None else f'{100 * mfu_wall:.1f}'} | "
+                f"{loader:.0f} | {row['loader_over_step']:.1f} |",
+                flush=True,
+            )
             grad_sizes[config] = (setup.num_params(), result["step_s"])
             del setup
         shutdown = getattr(data, "_shutdown_workers", None)
@@ -264,24 +334,37 @@ def main() -> None:
 
     comm = None
     if args.comm:
-        comm = measure_allreduce({config: numel for config, (numel, _) in grad_sizes.items()}, repeats=3 if args.smoke else 10)
+        comm = measure_allreduce(
+            {config: numel for config, (numel, _) in grad_sizes.items()}, repeats=3 if args.smoke else 10
+        )
         print()
-        print(f"All-reduce of one step's gradients (fp32), 2 processes, {comm['backend']}; scaling bound assumes no overlap with backward:")
+        print(
+            f"All-reduce of one step's gradients (fp32), 2 processes, {comm['backend']}; scaling bound assumes no overlap with backward:"
+        )
         print()
         # The efficiency bound needs the GPU's step time: on CPU only the all-reduce times are printed.
         with_efficiency = device.type == "cuda"
         fabrics = " | ".join(f"8 GPUs, {fabric}: ms{' (eff. %)' if with_efficiency else ''}" for fabric in BUS_GBPS)
-        print(f"| config | MB/step | measured ms, 2 proc. | tuned step ms, this device | all-reduce / step % | {fabrics} |")
+        print(
+            f"| config | MB/step | measured ms, 2 proc. | tuned step ms, this device | all-reduce / step % | {fabrics} |"
+        )
         print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in BUS_GBPS) + " |")
         for config, (numel, step_s) in grad_sizes.items():
             megabytes, measured = numel * 4 / 1e6, comm["seconds"][config]
             cells = []
             for bandwidth in BUS_GBPS.values():
                 seconds = 2 * 7 / 8 * numel * 4 / (bandwidth * 1e9)  # ring all-reduce: 2(N-1)/N of the bytes per GPU
-                cells.append(f"{1e3 * seconds:.2f}" + (f" ({100 * step_s / (step_s + seconds):.0f})" if with_efficiency else ""))
-            print(f"| {config} | {megabytes:.1f} | {1e3 * measured:.2f} | {1e3 * step_s:.1f} | {100 * measured / step_s:.1f} | {' | '.join(cells)} |")
+                cells.append(
+                    f"{1e3 * seconds:.2f}" + (f" ({100 * step_s / (step_s + seconds):.0f})" if with_efficiency else "")
+                )
+            print(
+                f"| {config} | {megabytes:.1f} | {1e3 * measured:.2f} | {1e3 * step_s:.1f} | {100 * measured / step_s:.1f} | {' | '.join(cells)} |"
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows, "allreduce": comm, "assumed_bus_gbps": BUS_GBPS}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"header": header, "rows": rows, "allreduce": comm, "assumed_bus_gbps": BUS_GBPS}, indent=1)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

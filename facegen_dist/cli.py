@@ -32,7 +32,12 @@ def _fail(message: str) -> int:
 
 
 # What gloo and NCCL say when a process of the group died (its node lost, killed, out of memory).
-LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
+LOST_PEER_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL communicator was aborted",
+    "Broken pipe",
+)
 
 
 def _lost_peer(error: RuntimeError) -> str | None:
@@ -40,14 +45,19 @@ def _lost_peer(error: RuntimeError) -> str | None:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if not any(marker in first_line for marker in LOST_PEER_MARKERS):
         return None
-    cause = first_line.split("] ", 1)[-1].split(". This is typically")[0]  # gloo: "[.../pair.cc:561] Connection closed by peer [host]:port."
-    return (f"rank {os.environ.get('RANK', '0')}: another training process is gone ({cause}); "
-            "the newest checkpoint is intact: run the same command to resume from it")
+    cause = first_line.split("] ", 1)[-1].split(". This is typically")[
+        0
+    ]  # gloo: "[.../pair.cc:561] Connection closed by peer [host]:port."
+    return (
+        f"rank {os.environ.get('RANK', '0')}: another training process is gone ({cause}); "
+        "the newest checkpoint is intact: run the same command to resume from it"
+    )
 
 
 def train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="train.py", description="Train a model. Run it under `accelerate launch` for several GPUs/processes.",
+        prog="train.py",
+        description="Train a model. Run it under `accelerate launch` for several GPUs/processes.",
         epilog="Example: accelerate launch train.py --config configs/vae_avatars64.yaml train.total_images=20000 run.name=x",
     )
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
@@ -98,13 +108,28 @@ report_main = _delegate("facegen_dist.analysis.report", "report_main")
 suite_main = _delegate("facegen_dist.analysis.suite", "suite_main")
 
 
-COMMANDS = {"train": train_main, "data": data_main, "eval": eval_main, "extractor": extractor_main, "latent": latent_main, "sample": sample_main, "codes": codes_main, "launch": launch_main, "submit": submit_main, "report": report_main, "suite": suite_main}
+COMMANDS = {
+    "train": train_main,
+    "data": data_main,
+    "eval": eval_main,
+    "extractor": extractor_main,
+    "latent": latent_main,
+    "sample": sample_main,
+    "codes": codes_main,
+    "launch": launch_main,
+    "submit": submit_main,
+    "report": report_main,
+    "suite": suite_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: facegen {train,submit,launch,data,codes,eval,sample,extractor,latent,report,suite} ...\n  train  train a model (same as train.py)\n  submit submit a training run to SLURM with submitit (or --local)\n  launch inside an sbatch script: srun facegen launch -- train ... (accelerate launch with SLURM's rendezvous)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors\n  report compare runs: cost, quality, codebooks, grids and curves (Markdown + HTML)\n  suite  train + evaluate + report a suite of runs on one image budget", file=sys.stderr)
+        print(
+            "usage: facegen {train,submit,launch,data,codes,eval,sample,extractor,latent,report,suite} ...\n  train  train a model (same as train.py)\n  submit submit a training run to SLURM with submitit (or --local)\n  launch inside an sbatch script: srun facegen launch -- train ... (accelerate launch with SLURM's rendezvous)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors\n  report compare runs: cost, quality, codebooks, grids and curves (Markdown + HTML)\n  suite  train + evaluate + report a suite of runs on one image budget",
+            file=sys.stderr,
+        )
         return 2 if argv and argv[0] not in ("-h", "--help") else 0
     return exit_process(COMMANDS[argv[0]](argv[1:]))
 

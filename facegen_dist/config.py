@@ -103,7 +103,9 @@ class EvalConfig:
     plugins: list[str] = field(default_factory=list)  # modules imported first (they may register extractors)
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
     num_samples: int = 10_000  # generated samples (and reference images) per evaluation
-    batch_size: int = 100  # samples generated and featurised together; fixed so results do not depend on the process count
+    batch_size: int = (
+        100  # samples generated and featurised together; fixed so results do not depend on the process count
+    )
     split: str = "val"  # reference split
     seed: int = 1234
     use_ema: bool = True
@@ -174,7 +176,9 @@ def _refuse_interpolations(tree: Any, path: str, prefix: str = "") -> None:
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
     for key, value in items:
         if isinstance(value, str) and "${" in value:
-            raise ConfigError(f"{path}: {prefix}{key} holds an interpolation ('{value}'); a run folder's config is never resolved")
+            raise ConfigError(
+                f"{path}: {prefix}{key} holds an interpolation ('{value}'); a run folder's config is never resolved"
+            )
         _refuse_interpolations(value, path, f"{prefix}{key}.")
 
 
@@ -183,7 +187,9 @@ def load_run_config(config_path: str | Path, overrides: list[str] | None = None)
     return load_config([str(config_path)], overrides, from_run_folder=True)
 
 
-def load_config(config_files: list[str] | None = None, overrides: list[str] | None = None, from_run_folder: bool = False) -> DictConfig:
+def load_config(
+    config_files: list[str] | None = None, overrides: list[str] | None = None, from_run_folder: bool = False
+) -> DictConfig:
     """Schema defaults <- each YAML file in order <- dotted overrides; validated."""
     merged = OmegaConf.structured(Config)
     OmegaConf.set_struct(merged, True)
@@ -206,8 +212,12 @@ def load_config(config_files: list[str] | None = None, overrides: list[str] | No
         merged.train.activation_checkpointing = True
     merged.model = _validated_model_section(merged.model)
     # YAML 1.1 reads a bare `off` as false (and `on` as true); `log.wandb=off` must mean "off".
-    merged.log.wandb = {"False": "off", "false": "off", "True": "online", "true": "online"}.get(merged.log.wandb, merged.log.wandb)
-    merged.train.precision = {"False": "no", "false": "no"}.get(merged.train.precision, merged.train.precision)  # `train.precision=no`
+    merged.log.wandb = {"False": "off", "false": "off", "True": "online", "true": "online"}.get(
+        merged.log.wandb, merged.log.wandb
+    )
+    merged.train.precision = {"False": "no", "false": "no"}.get(
+        merged.train.precision, merged.train.precision
+    )  # `train.precision=no`
     _validate(merged)
     OmegaConf.set_readonly(merged, True)
     return merged
@@ -236,36 +246,64 @@ def _require(condition: bool, message: str) -> None:
 
 def _validate(cfg: DictConfig) -> None:
     train, data, optim = cfg.train, cfg.data, cfg.optim
-    _require(train.precision in ("auto", "no", "fp16", "bf16"), f"train.precision: '{train.precision}' is not one of auto, no, fp16, bf16")
+    _require(
+        train.precision in ("auto", "no", "fp16", "bf16"),
+        f"train.precision: '{train.precision}' is not one of auto, no, fp16, bf16",
+    )
     _require(train.total_images > 0, "train.total_images: must be > 0")
     _require(train.batch_size > 0, "train.batch_size: must be > 0")
     _require(train.grad_accum > 0, "train.grad_accum: must be > 0")
     _require(train.keep_checkpoints > 0, "train.keep_checkpoints: must be > 0")
-    _require(train.exact_allreduce in ("auto", "on", "off"), f"train.exact_allreduce: '{train.exact_allreduce}' is not one of auto, on, off")
-    _require(train.dead_run_steps >= 0, "train.dead_run_steps: must be >= 0 (0 = never stop a run for non-finite steps)")
+    _require(
+        train.exact_allreduce in ("auto", "on", "off"),
+        f"train.exact_allreduce: '{train.exact_allreduce}' is not one of auto, on, off",
+    )
+    _require(
+        train.dead_run_steps >= 0, "train.dead_run_steps: must be >= 0 (0 = never stop a run for non-finite steps)"
+    )
     _require(train.cpu_threads >= 0, "train.cpu_threads: must be >= 0 (0 = cores / local processes)")
     for key in ("log_every_images", "sample_every_images", "ckpt_every_images"):
         _require(train[key] > 0, f"train.{key}: must be > 0")
     _require(0.0 <= train.ema_beta < 1.0, "train.ema_beta: must be in [0, 1)")
     _require(train.grad_clip >= 0, "train.grad_clip: must be >= 0 (0 disables clipping)")
-    _require(optim.schedule in ("constant", "cosine"), f"optim.schedule: '{optim.schedule}' is not one of constant, cosine")
+    _require(
+        optim.schedule in ("constant", "cosine"), f"optim.schedule: '{optim.schedule}' is not one of constant, cosine"
+    )
     _require(len(optim.betas) == 2, "optim.betas: needs two values, e.g. [0.9, 0.999]")
     _require(0 < optim.lr <= 10, f"optim.lr: {optim.lr:g} is not an AdamW learning rate (expected 0 < lr <= 10)")
-    _require(data.resolution >= 8 and data.resolution & (data.resolution - 1) == 0, f"data.resolution: {data.resolution} is not a power of two >= 8")
+    _require(
+        data.resolution >= 8 and data.resolution & (data.resolution - 1) == 0,
+        f"data.resolution: {data.resolution} is not a power of two >= 8",
+    )
     _require(data.num_workers >= 0, "data.num_workers: must be >= 0")
     _require(data.shuffle_group >= 1, "data.shuffle_group: must be >= 1")
-    _require(cfg.eval.num_samples >= 2 and cfg.eval.batch_size >= 1, "eval.num_samples must be >= 2 and eval.batch_size >= 1")
+    _require(
+        cfg.eval.num_samples >= 2 and cfg.eval.batch_size >= 1, "eval.num_samples must be >= 2 and eval.batch_size >= 1"
+    )
     _require(cfg.eval.every_images >= 0, "eval.every_images: must be >= 0 (0 = off)")
-    _require(cfg.log.wandb in ("online", "offline", "off"), f"log.wandb: '{cfg.log.wandb}' is not one of online, offline, off")
-    _require(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
-             f"run.name: '{cfg.run.name}' must be a plain folder name inside run.dir")
+    _require(
+        cfg.log.wandb in ("online", "offline", "off"),
+        f"log.wandb: '{cfg.log.wandb}' is not one of online, offline, off",
+    )
+    _require(
+        bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
+        f"run.name: '{cfg.run.name}' must be a plain folder name inside run.dir",
+    )
     if data.path.startswith(EMBEDDED_PREFIX):
-        name = data.path[len(EMBEDDED_PREFIX):]
-        _require(name in EMBEDDED_DATASETS, f"data.path: unknown embedded dataset '{name}'; one of {sorted(EMBEDDED_DATASETS)}")
-        _require(data.make_num >= 2 and data.make_size >= 8, "data.make_num/make_size: too small for an embedded dataset")
+        name = data.path[len(EMBEDDED_PREFIX) :]
+        _require(
+            name in EMBEDDED_DATASETS,
+            f"data.path: unknown embedded dataset '{name}'; one of {sorted(EMBEDDED_DATASETS)}",
+        )
+        _require(
+            data.make_num >= 2 and data.make_size >= 8, "data.make_num/make_size: too small for an embedded dataset"
+        )
     else:
         manifest = Path(data.path) / "manifest.json"
-        _require(manifest.is_file(), f"data.path: no shards at '{data.path}' (no manifest.json there); make some with `facegen data avatars --out DIR` or use data.path=embedded:avatars")
+        _require(
+            manifest.is_file(),
+            f"data.path: no shards at '{data.path}' (no manifest.json there); make some with `facegen data avatars --out DIR` or use data.path=embedded:avatars",
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

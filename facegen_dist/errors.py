@@ -11,4 +11,3 @@ class ConfigError(FacegenError):
 
 class DataError(FacegenError):
     """Shards, manifests or images are missing or unreadable."""
-

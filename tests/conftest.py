@@ -34,6 +34,13 @@ def trained_run(tmp_path_factory, tiny_shards) -> Path:
     from helpers import TINY, run_train
 
     root = tmp_path_factory.mktemp("trained")
-    result = run_train(root, *TINY, f"data.path={tiny_shards}", "run.name=tiny", "train.total_images=320", "train.ckpt_every_images=160")
+    result = run_train(
+        root,
+        *TINY,
+        f"data.path={tiny_shards}",
+        "run.name=tiny",
+        "train.total_images=320",
+        "train.ckpt_every_images=160",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root

@@ -28,21 +28,60 @@ TINY = [
 
 
 # The tiny VQ family: settings shared by the VQ training, latent and prior tests.
-COMMON = ["data.resolution=32", "train.batch_size=8", "log.wandb=off", "log.progress=false", "log.num_grid_images=16", "data.num_workers=1"]
-TINY_VQVAE2 = [*COMMON, "model.name=vqvae2", "model.channels=16", "model.res_blocks=1", "model.res_channels=8", "model.embed_dim=8",
-               "model.num_codes=32", "model.downsample=4", "model.dead_code_steps=10", "optim.lr=2e-3", "optim.warmup_images=0"]
+COMMON = [
+    "data.resolution=32",
+    "train.batch_size=8",
+    "log.wandb=off",
+    "log.progress=false",
+    "log.num_grid_images=16",
+    "data.num_workers=1",
+]
+TINY_VQVAE2 = [
+    *COMMON,
+    "model.name=vqvae2",
+    "model.channels=16",
+    "model.res_blocks=1",
+    "model.res_channels=8",
+    "model.embed_dim=8",
+    "model.num_codes=32",
+    "model.downsample=4",
+    "model.dead_code_steps=10",
+    "optim.lr=2e-3",
+    "optim.warmup_images=0",
+]
 
 # A tiny VQ-GAN at 32 px: f=4 (8x8 codes of 64), attention at 8x8, the tiny perceptual stand-in.
 TINY_VQGAN = [
-    "model.name=vqgan", "data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]", "model.attn_resolutions=[8]",
-    "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64", "model.perceptual=tiny", "model.disc_channels=16",
-    "model.disc_layers=2", "train.batch_size=8", "optim.lr=1e-3", "optim.warmup_images=0", "optim.schedule=constant",
-    "log.wandb=off", "log.progress=false", "log.num_grid_images=8", "data.num_workers=1",
+    "model.name=vqgan",
+    "data.resolution=32",
+    "model.channels=16",
+    "model.channel_mult=[1,2,2]",
+    "model.attn_resolutions=[8]",
+    "model.z_channels=16",
+    "model.embed_dim=16",
+    "model.num_codes=64",
+    "model.perceptual=tiny",
+    "model.disc_channels=16",
+    "model.disc_layers=2",
+    "train.batch_size=8",
+    "optim.lr=1e-3",
+    "optim.warmup_images=0",
+    "optim.schedule=constant",
+    "log.wandb=off",
+    "log.progress=false",
+    "log.num_grid_images=8",
+    "data.num_workers=1",
 ]
 
 
 # Metrics with the tiny feature extractor of tests/plugins (on PYTHONPATH through _env): no Inception weights needed.
-EVAL_TINY = ["eval.extractor=tiny-test", "eval.plugins=[facegen_test_extractor]", "eval.batch_size=16", "eval.split=val"]
+EVAL_TINY = [
+    "eval.extractor=tiny-test",
+    "eval.plugins=[facegen_test_extractor]",
+    "eval.batch_size=16",
+    "eval.split=val",
+]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -87,8 +126,13 @@ def _env(use_cpu: bool = True) -> dict:
     return env
 
 
-def accelerate_command(num_processes: int, *args: str, script: list[str] | None = None, mixed_precision: str = "no",
-                       strategy: str | None = None) -> list[str]:
+def accelerate_command(
+    num_processes: int,
+    *args: str,
+    script: list[str] | None = None,
+    mixed_precision: str = "no",
+    strategy: str | None = None,
+) -> list[str]:
     """`accelerate launch` as a user types it: two real CPU processes need --multi_gpu + ACCELERATE_USE_CPU.
 
     `script` defaults to train.py; ["-m", "facegen_dist.cli"] launches the facegen CLI instead.
@@ -98,21 +142,39 @@ def accelerate_command(num_processes: int, *args: str, script: list[str] | None 
     command = [str(launcher), "launch"]
     if strategy:
         command += ["--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml")]
-    command += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    command += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        mixed_precision,
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(num_processes),
+    ]
     if num_processes > 1:
         command += [] if strategy else ["--multi_gpu"]
         command += ["--main_process_port", str(free_port())]
     return command + (script or [TRAIN_PY]) + list(args)
 
 
-def run_train(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 600, launcher: bool = False, mixed_precision: str = "no",
-              strategy: str | None = None) -> subprocess.CompletedProcess:
+def run_train(
+    cwd: Path,
+    *args: str,
+    num_processes: int = 1,
+    timeout: int = 600,
+    launcher: bool = False,
+    mixed_precision: str = "no",
+    strategy: str | None = None,
+) -> subprocess.CompletedProcess:
     """train.py in one plain process, or under `accelerate launch` (always when num_processes > 1 or a strategy is named)."""
     if num_processes == 1 and not launcher and not strategy:
         command = [sys.executable, TRAIN_PY, *args]
     else:
         command = accelerate_command(num_processes, *args, mixed_precision=mixed_precision, strategy=strategy)
-    return subprocess.run(command, cwd=cwd, env=_env(use_cpu=_use_cpu_flag(strategy)), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=cwd, env=_env(use_cpu=_use_cpu_flag(strategy)), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _use_cpu_flag(strategy: str | None) -> bool:
@@ -132,8 +194,13 @@ def run_facegen(cwd: Path, *args: str, num_processes: int = 1, timeout: int = 60
 def start_train(cwd: Path, *args: str, num_processes: int = 2, strategy: str | None = None) -> subprocess.Popen:
     """Start a training launch in its own process group (so the test can kill -9 all of it)."""
     return subprocess.Popen(
-        accelerate_command(num_processes, *args, strategy=strategy), cwd=cwd, env=_env(use_cpu=_use_cpu_flag(strategy)), start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        accelerate_command(num_processes, *args, strategy=strategy),
+        cwd=cwd,
+        env=_env(use_cpu=_use_cpu_flag(strategy)),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 

@@ -18,7 +18,9 @@ WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name.replace(WRAPPER_PREFIX, ""): p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return {
+        name.replace(WRAPPER_PREFIX, ""): p.grad.clone() for name, p in module.named_parameters() if p.grad is not None
+    }
 
 
 def _compare(build, loss_of, block_types, name="m"):
@@ -32,7 +34,12 @@ def _compare(build, loss_of, block_types, name="m"):
         torch.manual_seed(1)
         loss, retained = retained_activation_bytes(lambda: loss_of(modules))
         loss.backward()
-        grads = {key: g for module_name, module in modules.items() for key, g in _grads(module).items() if module_name == next(iter(modules))}
+        grads = {
+            key: g
+            for module_name, module in modules.items()
+            for key, g in _grads(module).items()
+            if module_name == next(iter(modules))
+        }
         results.append((loss.detach(), grads, retained, modules))
     (loss_a, grads_a, bytes_a, plain), (loss_b, grads_b, bytes_b, wrapped) = results
     assert torch.equal(loss_a, loss_b)
@@ -52,15 +59,33 @@ def _method(config: str, *overrides: str):
 
 
 def test_vqvae2_gradients_match(one_intra_op_thread):
-    method = _method("vqvae2_avatars64.yaml", "data.resolution=32", "model.channels=16", "model.res_blocks=2", "model.res_channels=8",
-                     "model.embed_dim=8", "model.num_codes=32", "model.downsample=4")
+    method = _method(
+        "vqvae2_avatars64.yaml",
+        "data.resolution=32",
+        "model.channels=16",
+        "model.res_blocks=2",
+        "model.res_channels=8",
+        "model.embed_dim=8",
+        "model.num_codes=32",
+        "model.downsample=4",
+    )
     images = torch.rand(4, 3, 32, 32)
     _compare(method.build_modules, lambda modules: method.loss("vqvae", modules, images)[0], method.checkpoint_blocks())
 
 
 def test_vqgan_gradients_match(one_intra_op_thread):
-    method = _method("vqgan_avatars64.yaml", "data.resolution=32", "model.channels=16", "model.channel_mult=[1,2,2]", "model.res_blocks=1",
-                     "model.attn_resolutions=[8]", "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64", "model.perceptual=tiny")
+    method = _method(
+        "vqgan_avatars64.yaml",
+        "data.resolution=32",
+        "model.channels=16",
+        "model.channel_mult=[1,2,2]",
+        "model.res_blocks=1",
+        "model.attn_resolutions=[8]",
+        "model.z_channels=16",
+        "model.embed_dim=16",
+        "model.num_codes=64",
+        "model.perceptual=tiny",
+    )
     method.prepare_training()
     phase = next(p.name for p in method.phases() if "vqvae" in p.modules)  # the generator (autoencoder) phase
     images = torch.rand(2, 3, 32, 32)
@@ -69,14 +94,20 @@ def test_vqgan_gradients_match(one_intra_op_thread):
 
 def test_gpt_prior_gradients_match(one_intra_op_thread):
     codes = torch.randint(0, 32, (4, 64))
-    _compare(lambda: {"prior": CodeGPT(32, 64, 3, 2, 32)}, lambda modules: modules["prior"].loss(codes),
-             GPTPriorMethod.checkpoint_blocks(None))
+    _compare(
+        lambda: {"prior": CodeGPT(32, 64, 3, 2, 32)},
+        lambda modules: modules["prior"].loss(codes),
+        GPTPriorMethod.checkpoint_blocks(None),
+    )
 
 
 def test_pixelcnn_prior_gradients_match(one_intra_op_thread):
     codes = torch.randint(0, 32, (4, 8, 8))
-    _compare(lambda: {"prior": GatedPixelCNN(32, channels=16, num_layers=4, kernel_size=3)}, lambda modules: modules["prior"].loss(codes),
-             PixelCNNPriorMethod.checkpoint_blocks(None))
+    _compare(
+        lambda: {"prior": GatedPixelCNN(32, channels=16, num_layers=4, kernel_size=3)},
+        lambda modules: modules["prior"].loss(codes),
+        PixelCNNPriorMethod.checkpoint_blocks(None),
+    )
 
 
 def test_batchnorm_models_refuse_with_one_line():

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from helpers import run_facegen
 
 from facegen_dist.data.make_avatars import make_avatar_dataset
 from facegen_dist.data.pipeline import attribute_labels, read_images
@@ -15,7 +16,6 @@ from facegen_dist.errors import FacegenError
 from facegen_dist.eval.avatar_extractor import DEFAULT_WEIGHTS, NAME, load_attribute_net
 from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics
 from facegen_dist.eval.train_extractor import attribute_accuracy
-from helpers import run_facegen
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def test_fresh_avatars_reach_the_manifest_accuracies(shipped, fresh_val):
     for index, name in enumerate(names):
         expected, count = manifest["val_accuracy"][name], int((labels[:, index] >= 0).sum())
         tolerance = 3 * math.sqrt(expected * (1 - expected) / count) + 0.02  # 3 sigma of a binomial on `count` images
-        assert accuracy[name] >= expected - tolerance, f"{name}: {accuracy[name]:.3f} on {count} fresh images, manifest {expected:.3f}"
+        assert accuracy[name] >= expected - tolerance, (
+            f"{name}: {accuracy[name]:.3f} on {count} fresh images, manifest {expected:.3f}"
+        )
 
 
 def test_fd_is_zero_on_itself_and_grows_with_blur(shipped, fresh_val):
@@ -64,7 +66,14 @@ def test_fd_is_zero_on_itself_and_grows_with_blur(shipped, fresh_val):
             return compute_feature_metric("fid", net.features(batch), None, stats, seed=0)["frechet_inception_distance"]
 
     assert abs(fd(images)) < 1e-3
-    blurred = [fd((TF.gaussian_blur(images.float() / 255, kernel_size=2 * int(3 * s) + 1, sigma=s) * 255).round().to(torch.uint8)) for s in (0.5, 1.0, 2.0)]
+    blurred = [
+        fd(
+            (TF.gaussian_blur(images.float() / 255, kernel_size=2 * int(3 * s) + 1, sigma=s) * 255)
+            .round()
+            .to(torch.uint8)
+        )
+        for s in (0.5, 1.0, 2.0)
+    ]
     assert 0 < blurred[0] < blurred[1] < blurred[2], blurred
 
 
@@ -90,14 +99,33 @@ def test_eval_cli_with_corrupt_weights_is_one_line(trained_run, tmp_path):
     broken = tmp_path / "w.safetensors"
     broken.write_bytes(DEFAULT_WEIGHTS.read_bytes()[:1000])
     shutil.copy(DEFAULT_WEIGHTS.with_suffix(".json"), broken.with_suffix(".json"))
-    result = run_facegen(trained_run, "eval", "--run", "runs/tiny", "--extractor", "avatar", f"eval.extractor_weights={broken}", f"eval.cache_dir={tmp_path}")
+    result = run_facegen(
+        trained_run,
+        "eval",
+        "--run",
+        "runs/tiny",
+        "--extractor",
+        "avatar",
+        f"eval.extractor_weights={broken}",
+        f"eval.cache_dir={tmp_path}",
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and "sha256" in lines[0], result.stderr
 
 
 @pytest.mark.slow
 def test_eval_with_avatar_extractor_same_for_one_and_two_processes(trained_run, tmp_path):
-    args = ["eval", "--run", "runs/tiny", "--extractor", "avatar", "--num", "48", "eval.batch_size=16", f"eval.cache_dir={tmp_path}"]
+    args = [
+        "eval",
+        "--run",
+        "runs/tiny",
+        "--extractor",
+        "avatar",
+        "--num",
+        "48",
+        "eval.batch_size=16",
+        f"eval.cache_dir={tmp_path}",
+    ]
     one = run_facegen(trained_run, *args)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "fd_avatar" in one.stdout and "precision_avatar" in one.stdout
@@ -107,8 +135,19 @@ def test_eval_with_avatar_extractor_same_for_one_and_two_processes(trained_run, 
     second = json.loads(sorted((trained_run / "runs" / "tiny" / "eval").glob("0*-avatar-v1-48.json"))[-1].read_text())
     assert second["protocol"]["world_size"] == 2
     assert first["metrics"] == pytest.approx(second["metrics"], rel=1e-6)
-    assert set(first["metrics"]) == {"fd_avatar", "kid_avatar", "kid_avatar_std", "precision_avatar", "recall_avatar", "f_score_avatar"}
-    assert first["protocol"]["extractor"] == {"name": NAME, "weights_sha256": file_sha256(DEFAULT_WEIGHTS), "layers": {"fid": "features", "kid": "features", "prc": "features"}}
+    assert set(first["metrics"]) == {
+        "fd_avatar",
+        "kid_avatar",
+        "kid_avatar_std",
+        "precision_avatar",
+        "recall_avatar",
+        "f_score_avatar",
+    }
+    assert first["protocol"]["extractor"] == {
+        "name": NAME,
+        "weights_sha256": file_sha256(DEFAULT_WEIGHTS),
+        "layers": {"fid": "features", "kid": "features", "prc": "features"},
+    }
 
 
 def test_auto_picks_avatar_on_avatar_data_without_inception(monkeypatch, tmp_path):

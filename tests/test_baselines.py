@@ -5,19 +5,39 @@ import math
 
 import pytest
 import torch
+from helpers import COMMON, kill9_after_first_checkpoint, read_metrics, run_train, start_train
 
 from facegen_dist.methods.introvae import decoder_loss, encoder_loss, reconstruction_error
 from facegen_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator
-from helpers import COMMON, kill9_after_first_checkpoint, read_metrics, run_train, start_train
 
-TINY_DCGAN = [*COMMON, "model.name=dcgan", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8", "optim.lr=2e-4", "optim.warmup_images=0"]
-TINY_INTROVAE = [*COMMON, "model.name=introvae", "model.latent_dim=16", "model.channels=[8,16,16]", "model.margin=10",
-                 "model.beta=0.5", "model.vae_images=160", "optim.lr=1e-3", "optim.warmup_images=0"]
+TINY_DCGAN = [
+    *COMMON,
+    "model.name=dcgan",
+    "model.latent_dim=16",
+    "model.gen_channels=8",
+    "model.disc_channels=8",
+    "optim.lr=2e-4",
+    "optim.warmup_images=0",
+]
+TINY_INTROVAE = [
+    *COMMON,
+    "model.name=introvae",
+    "model.latent_dim=16",
+    "model.channels=[8,16,16]",
+    "model.margin=10",
+    "model.beta=0.5",
+    "model.vae_images=160",
+    "optim.lr=1e-3",
+    "optim.warmup_images=0",
+]
 
 
 @pytest.mark.parametrize("resolution", [32, 64, 128])
 def test_dcgan_shapes_and_ranges(resolution):
-    generator, discriminator = DCGANGenerator(resolution, latent_dim=12, channels=8), DCGANDiscriminator(resolution, channels=8)
+    generator, discriminator = (
+        DCGANGenerator(resolution, latent_dim=12, channels=8),
+        DCGANDiscriminator(resolution, channels=8),
+    )
     images = generator(torch.randn(3, 12))
     assert images.shape == (3, 3, resolution, resolution)
     assert images.min() >= 0 and images.max() <= 1
@@ -43,7 +63,9 @@ def test_introvae_loss_terms_match_a_hand_computed_example():
     loss_g, _ = decoder_loss(rec, fake, l_ae, alpha, beta, adversarial=True)
     assert loss_g.item() == pytest.approx(alpha * (reg_rec + reg_fake) + beta * 0.625)
     # During the VAE warm-up only L_REG(Z) + beta * L_AE and beta * L_AE remain.
-    assert encoder_loss(real, None, None, l_ae, alpha, beta, margin, adversarial=False)[0].item() == pytest.approx(reg_real + beta * 0.625)
+    assert encoder_loss(real, None, None, l_ae, alpha, beta, margin, adversarial=False)[0].item() == pytest.approx(
+        reg_real + beta * 0.625
+    )
     assert decoder_loss(None, None, l_ae, alpha, beta, adversarial=False)[0].item() == pytest.approx(beta * 0.625)
 
 
@@ -74,17 +96,30 @@ def test_introvae_decoder_phase_uses_the_same_latents_and_the_updated_encoder():
 
 
 def _resume_args(base, name):
-    return [*base, f"run.name={name}", "train.total_images=1280", "train.log_every_images=16", "train.ckpt_every_images=480", "train.sample_every_images=100000"]
+    return [
+        *base,
+        f"run.name={name}",
+        "train.total_images=1280",
+        "train.log_every_images=16",
+        "train.ckpt_every_images=480",
+        "train.sample_every_images=100000",
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tiny, keys", [
-    (TINY_DCGAN, ("discriminator/d_loss", "generator/g_loss", "discriminator/logits_real")),
-    (TINY_INTROVAE, ("encoder/loss", "decoder/loss", "encoder/reg_real", "decoder/l_ae")),
-], ids=["dcgan", "introvae"])
+@pytest.mark.parametrize(
+    "tiny, keys",
+    [
+        (TINY_DCGAN, ("discriminator/d_loss", "generator/g_loss", "discriminator/logits_real")),
+        (TINY_INTROVAE, ("encoder/loss", "decoder/loss", "encoder/reg_real", "decoder/l_ae")),
+    ],
+    ids=["dcgan", "introvae"],
+)
 def test_two_processes_train_and_resume_exactly_after_kill9(tmp_path, tiny_shards, tiny, keys):
     data = f"data.path={tiny_shards}"
-    reference = run_train(tmp_path, *_resume_args(tiny, "reference"), data, "train.ckpt_every_images=100000", num_processes=2)
+    reference = run_train(
+        tmp_path, *_resume_args(tiny, "reference"), data, "train.ckpt_every_images=100000", num_processes=2
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "reference" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"]

@@ -23,7 +23,9 @@ def test_data_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     cells = {(row["content"], row["size"], row["format"]): row for row in report["rows"]}
-    expected = {(content, 32, fmt) for content in ("avatar", "photo-like") for fmt in ("jpg", "png", "webp", "webp-lossless")}
+    expected = {
+        (content, 32, fmt) for content in ("avatar", "photo-like") for fmt in ("jpg", "png", "webp", "webp-lossless")
+    }
     assert set(cells) == expected
     for cell, row in cells.items():
         for key in ("bytes_per_image", "encode_ms_per_image", "decode_augment_images_per_s"):
@@ -33,8 +35,24 @@ def test_data_benchmark_smoke(tmp_path):
 
 
 def test_pixelcnn_sampling_benchmark_smoke():
-    result = run_script("pixelcnn_sampling.py", "--channels", "8", "--layers", "2", "--num-codes", "16", "--grid", "4", "--num", "2",
-                        "--repeats", "1", "--compare-naive", "--naive-grid", "4")
+    result = run_script(
+        "pixelcnn_sampling.py",
+        "--channels",
+        "8",
+        "--layers",
+        "2",
+        "--num-codes",
+        "16",
+        "--grid",
+        "4",
+        "--num",
+        "2",
+        "--repeats",
+        "1",
+        "--compare-naive",
+        "--naive-grid",
+        "4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 4x4 |"))
     assert row.rstrip().endswith("| yes |"), row  # the fast sampler returns the naive loop's codes
@@ -60,7 +78,12 @@ def test_memory_benchmark_smoke(tmp_path):
         if row["model"] == "VQ-GAN 32":
             assert row["estimate_gb"]["zero2"] is None
         else:
-            assert row["estimate_gb"]["zero3_offload"] <= row["estimate_gb"]["zero2"] <= row["estimate_gb"]["zero1"] <= row["estimate_gb"]["ddp"]
+            assert (
+                row["estimate_gb"]["zero3_offload"]
+                <= row["estimate_gb"]["zero2"]
+                <= row["estimate_gb"]["zero1"]
+                <= row["estimate_gb"]["ddp"]
+            )
     # The levers do what they claim on the model that has checkpointable blocks.
     fp32, bf16 = rows[("VQ-GAN 32", "naive (fp32, NCHW, for-loop AdamW)")], rows[("VQ-GAN 32", "bf16")]
     checkpointed = rows[("VQ-GAN 32", "act. ckpt")]
@@ -76,7 +99,11 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [(row["config"], row["loop"].split(" ")[0]) for row in report["rows"]] == [
-        ("vae_avatars64", "naive"), ("vae_avatars64", "channels_last"), ("vqgan_avatars64", "naive"), ("vqgan_avatars64", "channels_last")]
+        ("vae_avatars64", "naive"),
+        ("vae_avatars64", "channels_last"),
+        ("vqgan_avatars64", "naive"),
+        ("vqgan_avatars64", "channels_last"),
+    ]
     for row in report["rows"]:
         for key in ("img_per_s", "ratio_to_naive", "gflop_per_image", "mfu", "loader_img_per_s"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["config"], key, row[key])
@@ -84,7 +111,10 @@ def test_throughput_benchmark_smoke(tmp_path):
         assert math.isclose(sum(row["split"].values()), 1.0, rel_tol=1e-6)
     # A GAN step is two phases: more FLOPs per image than its autoencoder's forward + backward alone.
     assert report["rows"][2]["gflop_per_image"] > report["rows"][0]["gflop_per_image"]
-    assert report["allreduce"]["backend"] == "gloo" and set(report["allreduce"]["seconds"]) == {"vae_avatars64", "vqgan_avatars64"}
+    assert report["allreduce"]["backend"] == "gloo" and set(report["allreduce"]["seconds"]) == {
+        "vae_avatars64",
+        "vqgan_avatars64",
+    }
     assert "All-reduce of one step's gradients" in result.stdout
 
 
@@ -111,7 +141,9 @@ def test_memory_search_finds_the_largest_fitting_micro_batch(monkeypatch):
         def inputs(images):
             return images
 
-    monkeypatch.setattr(memory, "measured_peak_gb", lambda setup, images: "OOM" if images.shape[0] > 5 else 0.5 * images.shape[0])
+    monkeypatch.setattr(
+        memory, "measured_peak_gb", lambda setup, images: "OOM" if images.shape[0] > 5 else 0.5 * images.shape[0]
+    )
     for measured in ({1: 0.5, 2: 1.0, 4: 2.0, 8: "OOM"}, {1: 0.5}, {}, {2: 1.0, 4: 2.0}):
         assert memory.largest_fitting_batch(FakeSetup(), 8, dict(measured), limit=64) == 5, measured
     assert memory.largest_fitting_batch(FakeSetup(), 8, {1: 0.5}, limit=4) == 4  # the limit caps the doubling
@@ -137,8 +169,22 @@ def test_gpu_check_smoke_runs_every_stage_with_finite_figures(tmp_path):
     # Not the compile stage: inductor's first compile takes minutes on 2 CPU cores; it times the peers stage's
     # project_cell with torch.compile on, which this test runs uncompiled.
     stages_run = ["train_vae", "train_vqgan", "memory", "peers_vqgan", "peers_vqvae2", "eval"]
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--smoke", "--out", str(out),
-                             "--stages", *stages_run], capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--out",
+            str(out),
+            "--stages",
+            *stages_run,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     stages = json.loads(out.read_text())["stages"]
     assert list(stages) == stages_run
@@ -147,10 +193,16 @@ def test_gpu_check_smoke_runs_every_stage_with_finite_figures(tmp_path):
         assert all(math.isfinite(value) for value in _numbers(stage)), name
     for name, label in (("train_vae", "vae_bf16"), ("train_vae", "vae_fp16"), ("train_vqgan", "vqgan_bf16")):
         run = stages[name]["runs"][label]
-        assert run["ok"] and run["resume_continues"] and run["first"]["losses_finite"] and run["resume"]["losses_finite"]
+        assert (
+            run["ok"] and run["resume_continues"] and run["first"]["losses_finite"] and run["resume"]["losses_finite"]
+        )
         assert run["resume"]["steps"] > run["first"]["steps"] > 0 and run["first"]["checkpoint"]
     assert stages["train_vae"]["runs"]["vae_fp16"]["levers"]["precision"] == "fp16"
-    assert stages["memory"]["memory"]["rows"][0]["estimate_gb_by_batch"]["2"] > stages["memory"]["memory"]["rows"][0]["estimate_gb_by_batch"]["1"] > 0
+    assert (
+        stages["memory"]["memory"]["rows"][0]["estimate_gb_by_batch"]["2"]
+        > stages["memory"]["memory"]["rows"][0]["estimate_gb_by_batch"]["1"]
+        > 0
+    )
     peers_folder = (BENCHMARKS.parents[1] / "shared" / "peers" / "bench_peers.py").is_file()
     for name in ("peers_vqgan", "peers_vqvae2"):
         for cell in stages[name]["cells"]:
@@ -164,5 +216,7 @@ def test_gpu_check_smoke_runs_every_stage_with_finite_figures(tmp_path):
     else:
         assert stages["peers_vqvae2"]["peer_status"].startswith("skipped: no peers folder")
     # taming's loop is too slow for a CPU smoke run: skipped with its reason (or for the missing peers folder first).
-    assert stages["peers_vqgan"]["peer_status"].startswith("skipped in --smoke" if peers_folder else "skipped: no peers folder")
+    assert stages["peers_vqgan"]["peer_status"].startswith(
+        "skipped in --smoke" if peers_folder else "skipped: no peers folder"
+    )
     assert all(stages["eval"]["timings_s"][k] > 0 for k in ("generate", "features", "fid", "kid", "prc"))

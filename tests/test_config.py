@@ -2,15 +2,17 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TRAIN_PY
 
 from facegen_dist.config import load_config
 from facegen_dist.errors import ConfigError
-from helpers import TRAIN_PY
 
 
 def test_yaml_then_overrides_win(tmp_path, tiny_shards):
     config = tmp_path / "run.yaml"
-    config.write_text(f"data:\n  path: {tiny_shards}\nmodel:\n  name: ae\n  latent_dim: 32\ntrain:\n  total_images: 100\n")
+    config.write_text(
+        f"data:\n  path: {tiny_shards}\nmodel:\n  name: ae\n  latent_dim: 32\ntrain:\n  total_images: 100\n"
+    )
     cfg = load_config([str(config)], ["train.total_images=200", "log.wandb=off"])
     assert cfg.model.name == "ae" and cfg.model.latent_dim == 32
     assert cfg.train.total_images == 200
@@ -39,10 +41,16 @@ def test_bad_config_is_one_line(override, expected):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("model.latnt_dim=3", "model.latnt_dim"), ("train.batch_size=many", "train.batch_size"), ("data.path=/no/such/shards", "data.path")],
+    [
+        ("model.latnt_dim=3", "model.latnt_dim"),
+        ("train.batch_size=many", "train.batch_size"),
+        ("data.path=/no/such/shards", "data.path"),
+    ],
 )
 def test_cli_bad_config_exits_nonzero_with_one_line(tmp_path, override, key):
-    result = subprocess.run([sys.executable, TRAIN_PY, override], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, TRAIN_PY, override], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -51,7 +59,9 @@ def test_cli_bad_config_exits_nonzero_with_one_line(tmp_path, override, key):
 
 
 def test_missing_config_file_is_reported(tmp_path):
-    result = subprocess.run([sys.executable, TRAIN_PY, "--config", "nope.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, TRAIN_PY, "--config", "nope.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "nope.yaml" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -60,11 +70,12 @@ def test_shipped_configs_load(tiny_shards):
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert configs, "no configs shipped"
+    from facegen_dist.analysis.suite import load_suite
     from facegen_dist.methods import METHODS, build_method
 
-    from facegen_dist.analysis.suite import load_suite
-
-    suites = [path for path in configs if path.name.startswith("suite_")]  # suites of runs (facegen suite), not run configs
+    suites = [
+        path for path in configs if path.name.startswith("suite_")
+    ]  # suites of runs (facegen suite), not run configs
     assert suites
     for path in suites:
         suite = load_suite(str(path))  # its run configs exist; they are loaded below as configs/*.yaml
@@ -74,7 +85,10 @@ def test_shipped_configs_load(tiny_shards):
         perceptual = ["model.perceptual=tiny"] if "vqgan" in path.name and "prior" not in path.name else []
         cfg = load_config([str(path)], [f"data.path={tiny_shards}", *perceptual])
         assert cfg.model.name in METHODS
-        if cfg.model.name not in ("pixelcnn_prior", "gpt_prior"):  # a prior needs its trained VQ run (tests/test_vq_train.py, test_vqgan_train.py)
+        if cfg.model.name not in (
+            "pixelcnn_prior",
+            "gpt_prior",
+        ):  # a prior needs its trained VQ run (tests/test_vq_train.py, test_vqgan_train.py)
             modules = build_method(cfg.model, cfg.data.resolution).build_modules()
             assert sum(p.numel() for m in modules.values() for p in m.parameters()) > 0, path.name
 

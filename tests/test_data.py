@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,15 +14,26 @@ from facegen_dist.errors import DataError
 
 
 def _batches(shards, num, **kwargs):
-    spec = StreamSpec(tuple(shards), resolution=32, batch_size=kwargs.pop("batch_size", 8), seed=kwargs.pop("seed", 1), **kwargs)
+    spec = StreamSpec(
+        tuple(shards), resolution=32, batch_size=kwargs.pop("batch_size", 8), seed=kwargs.pop("seed", 1), **kwargs
+    )
     return list(itertools.islice(make_train_loader(spec), num))
 
 
 def test_dataset_is_deterministic_for_a_seed(tmp_path):
-    first = make_avatar_dataset(tmp_path / "a", num=40, size=32, seed=7, samples_per_shard=16, workers=2, progress=False)
-    again = make_avatar_dataset(tmp_path / "b", num=40, size=32, seed=7, samples_per_shard=16, workers=1, progress=False)
-    other = make_avatar_dataset(tmp_path / "c", num=40, size=32, seed=8, samples_per_shard=16, workers=2, progress=False)
-    checksums = lambda m: [s["sha256"] for split in ("train", "val") for s in m["splits"][split]["shards"]]
+    first = make_avatar_dataset(
+        tmp_path / "a", num=40, size=32, seed=7, samples_per_shard=16, workers=2, progress=False
+    )
+    again = make_avatar_dataset(
+        tmp_path / "b", num=40, size=32, seed=7, samples_per_shard=16, workers=1, progress=False
+    )
+    other = make_avatar_dataset(
+        tmp_path / "c", num=40, size=32, seed=8, samples_per_shard=16, workers=2, progress=False
+    )
+
+    def checksums(m):
+        return [s["sha256"] for split in ("train", "val") for s in m["splits"][split]["shards"]]
+
     assert checksums(first) == checksums(again)  # byte-identical shards, whatever the worker count
     assert checksums(first) != checksums(other)
 
@@ -66,7 +76,9 @@ def test_make_refuses_to_overwrite(tmp_path):
 def test_stream_resumes_exactly_from_any_batch(tiny_shards, workers, start):
     shards = split_shards(tiny_shards, "train")
     full = _batches(shards, 12, num_workers=workers, rank=1, world_size=2, shuffle_group=2)
-    resumed = _batches(shards, 12 - start, num_workers=workers, rank=1, world_size=2, shuffle_group=2, start_batch=start)
+    resumed = _batches(
+        shards, 12 - start, num_workers=workers, rank=1, world_size=2, shuffle_group=2, start_batch=start
+    )
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full[start:], resumed))
 
 
@@ -123,15 +135,49 @@ def test_corrupt_image_is_replaced_and_counted(tmp_path):
 
 def test_cli_makes_and_verifies_a_dataset(tmp_path):
     out = tmp_path / "cli"
-    made = subprocess.run([sys.executable, "-m", "facegen_dist.cli", "data", "avatars", "--out", str(out), "--num", "30", "--size", "16", "--shard-size", "10"], capture_output=True, text=True, timeout=300)
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facegen_dist.cli",
+            "data",
+            "avatars",
+            "--out",
+            str(out),
+            "--num",
+            "30",
+            "--size",
+            "16",
+            "--shard-size",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert made.returncode == 0, made.stderr
     assert "train 27 in 3 shards" in made.stdout and "avatars" in made.stderr  # progress bar on stderr
-    checked = subprocess.run([sys.executable, "-m", "facegen_dist.cli", "data", "verify", str(out)], capture_output=True, text=True, timeout=120)
+    checked = subprocess.run(
+        [sys.executable, "-m", "facegen_dist.cli", "data", "verify", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert checked.returncode == 0 and "all shards match" in checked.stdout
     (out / "train-000001.tar").unlink()
-    checked = subprocess.run([sys.executable, "-m", "facegen_dist.cli", "data", "verify", str(out)], capture_output=True, text=True, timeout=120)
+    checked = subprocess.run(
+        [sys.executable, "-m", "facegen_dist.cli", "data", "verify", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert checked.returncode != 0 and "train-000001.tar: missing" in checked.stderr
-    again = subprocess.run([sys.executable, "-m", "facegen_dist.cli", "data", "avatars", "--out", str(out), "--num", "30"], capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "facegen_dist.cli", "data", "avatars", "--out", str(out), "--num", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode != 0 and again.stderr.count("\n") == 1 and "already holds a dataset" in again.stderr
 
 

@@ -36,17 +36,24 @@ def _spec(shards, **kwargs) -> StreamSpec:
     return StreamSpec(tuple(shards), 32, seed=0, hflip=False, **{"batch_size": 8, "shuffle_group": 1, **kwargs})
 
 
-@pytest.mark.parametrize("before, after", [
-    ({"world_size": 2, "num_workers": 1}, {"world_size": 1, "num_workers": 1}),
-    ({"world_size": 1, "num_workers": 2}, {"world_size": 2, "num_workers": 1}),
-    ({"world_size": 1, "num_workers": 1, "shuffle_group": 2}, {"world_size": 3, "num_workers": 1}),
-    ({"world_size": 2, "num_workers": 1, "batch_size": 8}, {"world_size": 2, "num_workers": 1, "batch_size": 4}),
-])
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ({"world_size": 2, "num_workers": 1}, {"world_size": 1, "num_workers": 1}),
+        ({"world_size": 1, "num_workers": 2}, {"world_size": 2, "num_workers": 1}),
+        ({"world_size": 1, "num_workers": 1, "shuffle_group": 2}, {"world_size": 3, "num_workers": 1}),
+        ({"world_size": 2, "num_workers": 1, "batch_size": 8}, {"world_size": 2, "num_workers": 1, "batch_size": 4}),
+    ],
+)
 def test_a_new_layout_reads_nothing_again_and_skips_exactly_what_it_reports(tiny_shards, before, after):
     shards = split_shards(tiny_shards, "train")
     pass_size = sum(s.num_samples for s in shards)
     old = _spec(shards, start_batch=9, **before)
-    read = [d for rank in range(old.world_size) for d in _images(_spec(shards, rank=rank, start_batch=0, **before), old.start_batch)]
+    read = [
+        d
+        for rank in range(old.world_size)
+        for d in _images(_spec(shards, rank=rank, start_batch=0, **before), old.start_batch)
+    ]
     offset, skipped = continue_after(old)
     assert 0 < skipped < pass_size and len(set(read)) == len(read) == old.world_size * old.start_batch * old.batch_size
 
@@ -60,7 +67,9 @@ def test_a_new_layout_reads_nothing_again_and_skips_exactly_what_it_reports(tiny
         batches = -(-in_this_pass // after.get("batch_size", 8)) if in_this_pass else 0
         continued += _images(_spec(shards, rank=rank, sequence_offset=offset, **after), batches)[:in_this_pass]
     assert not set(continued) & set(read), "an image read before the change was read again in the same pass"
-    assert len(continued) == len(set(continued)) == pass_size - len(read) - skipped  # the rest of the pass, each image once
+    assert (
+        len(continued) == len(set(continued)) == pass_size - len(read) - skipped
+    )  # the rest of the pass, each image once
 
 
 def test_a_layout_that_read_nothing_moves_nothing(tiny_shards):

@@ -6,9 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics, laplacian_energy, psnr, sharpness, ssim, value_names
 from helpers import EVAL_TINY, TINY, run_facegen, run_train
+
+from facegen_dist.eval.metrics import (
+    compute_feature_metric,
+    feature_statistics,
+    laplacian_energy,
+    psnr,
+    sharpness,
+    ssim,
+    value_names,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 
@@ -18,8 +26,12 @@ EVAL = EVAL_TINY
 def test_fid_of_a_set_with_itself_is_zero_and_a_shifted_set_is_far():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(400, 16, generator=generator)
-    same = compute_feature_metric("fid", features, None, feature_statistics(features), seed=0)["frechet_inception_distance"]
-    shifted = compute_feature_metric("fid", features + 1.0, None, feature_statistics(features), seed=0)["frechet_inception_distance"]
+    same = compute_feature_metric("fid", features, None, feature_statistics(features), seed=0)[
+        "frechet_inception_distance"
+    ]
+    shifted = compute_feature_metric("fid", features + 1.0, None, feature_statistics(features), seed=0)[
+        "frechet_inception_distance"
+    ]
     assert abs(same) < 1e-6
     assert shifted == pytest.approx(16.0, rel=0.05)  # |mean shift|^2 = 16 x 1^2, same covariance
 
@@ -29,7 +41,10 @@ def test_kid_and_precision_recall_are_finite_and_in_range():
     real, fake = torch.randn(300, 8, generator=generator), torch.randn(300, 8, generator=generator) * 1.5
     kid = compute_feature_metric("kid", fake, real, None, seed=0)
     prc = compute_feature_metric("prc", fake, real, None, seed=0)
-    assert torch.isfinite(torch.tensor(kid["kernel_inception_distance_mean"])) and kid["kernel_inception_distance_mean"] > 0
+    assert (
+        torch.isfinite(torch.tensor(kid["kernel_inception_distance_mean"]))
+        and kid["kernel_inception_distance_mean"] > 0
+    )
     assert 0 <= prc["precision"] <= 1 and 0 <= prc["recall"] <= 1
     same = compute_feature_metric("prc", real, real, None, seed=0)
     assert same["precision"] == 1.0 and same["recall"] == 1.0
@@ -72,7 +87,16 @@ def test_names_carry_a_non_inception_extractor():
 
 
 def _eval(root, *args, num_processes=1):
-    return run_facegen(root, "eval", "--run", "runs/tiny", *EVAL, f"eval.cache_dir={root / 'cache'}", *args, num_processes=num_processes)
+    return run_facegen(
+        root,
+        "eval",
+        "--run",
+        "runs/tiny",
+        *EVAL,
+        f"eval.cache_dir={root / 'cache'}",
+        *args,
+        num_processes=num_processes,
+    )
 
 
 @pytest.mark.slow
@@ -97,8 +121,22 @@ def test_eval_same_for_one_and_two_processes_and_reference_is_cached(trained_run
         assert record_two["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
 
     values = record_one["metrics"]
-    assert {"fd_tiny-test", "kid_tiny-test", "precision_tiny-test", "recall_tiny-test", "rfd_tiny-test", "psnr", "ssim", "sharpness"} <= set(values)
-    assert values["fd_tiny-test"] > 0 and 0 <= values["precision_tiny-test"] <= 1 and 5 < values["psnr"] < 60 and 0 < values["ssim"] <= 1
+    assert {
+        "fd_tiny-test",
+        "kid_tiny-test",
+        "precision_tiny-test",
+        "recall_tiny-test",
+        "rfd_tiny-test",
+        "psnr",
+        "ssim",
+        "sharpness",
+    } <= set(values)
+    assert (
+        values["fd_tiny-test"] > 0
+        and 0 <= values["precision_tiny-test"] <= 1
+        and 5 < values["psnr"] < 60
+        and 0 < values["ssim"] <= 1
+    )
     assert 0 < values["sharpness"] < 1  # a VAE 320 images in reconstructs a blur of its inputs
     protocol = record_one["protocol"]
     assert protocol["extractor"]["name"] == "tiny-test" and len(protocol["extractor"]["weights_sha256"]) == 64
@@ -106,19 +144,45 @@ def test_eval_same_for_one_and_two_processes_and_reference_is_cached(trained_run
     assert protocol["num_generated"] == 48 and protocol["num_reference"] == 38  # the val split has 38 images
     assert len(protocol["reference"]["dataset_manifest_sha256"]) == 64 and protocol["reference"]["split"] == "val"
     assert protocol["seed"] == 1234 and "z ~ N(0, I)" in protocol["sampling"]["latent"]
-    history = [json.loads(line) for line in (trained_run / "runs" / "tiny" / "eval" / "history.jsonl").read_text().splitlines()]
-    assert len([r for r in history if r["protocol"].get("extractor", {}).get("name") == "tiny-test" and r["protocol"]["num_generated"] == 48]) == 2
+    history = [
+        json.loads(line) for line in (trained_run / "runs" / "tiny" / "eval" / "history.jsonl").read_text().splitlines()
+    ]
+    assert (
+        len(
+            [
+                r
+                for r in history
+                if r["protocol"].get("extractor", {}).get("name") == "tiny-test"
+                and r["protocol"]["num_generated"] == 48
+            ]
+        )
+        == 2
+    )
 
 
 def test_eval_without_inception_weights_offline_fails_in_one_line(trained_run, tmp_path, monkeypatch):
-    result = run_facegen(trained_run, "eval", "--run", "runs/tiny", "--metrics=fid", "--extractor=inception-v3-compat", "eval.allow_download=false", f"eval.cache_dir={tmp_path}")
+    result = run_facegen(
+        trained_run,
+        "eval",
+        "--run",
+        "runs/tiny",
+        "--metrics=fid",
+        "--extractor=inception-v3-compat",
+        "eval.allow_download=false",
+        f"eval.cache_dir={tmp_path}",
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Inception weights" in lines[0] and "eval.inception_weights=PATH" in lines[0], result.stderr
+    assert len(lines) == 1 and "Inception weights" in lines[0] and "eval.inception_weights=PATH" in lines[0], (
+        result.stderr
+    )
 
 
 def test_eval_bad_input_is_one_line(trained_run, tmp_path):
-    for args, expected in [(["--run", str(tmp_path)], "not a run folder"), (["--run", "runs/tiny", "--metrics=fid,bogus"], "eval.metrics: unknown ['bogus']")]:
+    for args, expected in [
+        (["--run", str(tmp_path)], "not a run folder"),
+        (["--run", "runs/tiny", "--metrics=fid,bogus"], "eval.metrics: unknown ['bogus']"),
+    ]:
         result = run_facegen(trained_run, "eval", *args, *EVAL)
         assert result.returncode != 0 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
@@ -126,20 +190,46 @@ def test_eval_bad_input_is_one_line(trained_run, tmp_path):
 @pytest.mark.slow
 def test_in_training_evaluation_is_logged_with_protocol(tmp_path, tiny_shards):
     result = run_train(
-        tmp_path, *TINY, f"data.path={tiny_shards}", "run.name=evaltrain", "train.total_images=320", "train.log_every_images=320",
-        "eval.every_images=160", "eval.during_training_num=32", "eval.metrics=[fid,psnr]", *EVAL, f"eval.cache_dir={tmp_path / 'cache'}",
+        tmp_path,
+        *TINY,
+        f"data.path={tiny_shards}",
+        "run.name=evaltrain",
+        "train.total_images=320",
+        "train.log_every_images=320",
+        "eval.every_images=160",
+        "eval.during_training_num=32",
+        "eval.metrics=[fid,psnr]",
+        *EVAL,
+        f"eval.cache_dir={tmp_path / 'cache'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "evaltrain" / "metrics.jsonl").read_text().splitlines()]
     evaluated = [row for row in rows if "eval/fd_tiny-test" in row]
     assert [row["images_seen"] for row in evaluated] == [160, 320]
     assert all(row["eval/fd_tiny-test"] > 0 and row["eval/psnr"] > 5 for row in evaluated)
-    records = [json.loads(line) for line in (tmp_path / "runs" / "evaltrain" / "eval" / "history.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "evaltrain" / "eval" / "history.jsonl").read_text().splitlines()
+    ]
     assert [r["protocol"]["model"]["images_seen"] for r in records] == [160, 320]
-    assert records[0]["protocol"]["model"]["checkpoint"] == "in-training" and records[1]["protocol"]["reference"]["computed"] is False
+    assert (
+        records[0]["protocol"]["model"]["checkpoint"] == "in-training"
+        and records[1]["protocol"]["reference"]["computed"] is False
+    )
 
 
 def test_training_with_eval_but_no_weights_stops_at_start(tmp_path, tiny_shards):
-    result = run_train(tmp_path, *TINY, f"data.path={tiny_shards}", "eval.every_images=160", "eval.extractor=inception-v3-compat", "eval.allow_download=false", f"eval.cache_dir={tmp_path}")
+    result = run_train(
+        tmp_path,
+        *TINY,
+        f"data.path={tiny_shards}",
+        "eval.every_images=160",
+        "eval.extractor=inception-v3-compat",
+        "eval.allow_download=false",
+        f"eval.cache_dir={tmp_path}",
+    )
     assert result.returncode != 0 and "Inception weights" in result.stderr and "Traceback" not in result.stderr
-    assert not list((tmp_path / "runs").glob("*/metrics.jsonl")) or not (tmp_path / "runs" / "vae_avatars64" / "metrics.jsonl").read_text()
+    assert (
+        not list((tmp_path / "runs").glob("*/metrics.jsonl"))
+        or not (tmp_path / "runs" / "vae_avatars64" / "metrics.jsonl").read_text()
+    )

@@ -6,7 +6,6 @@ import torch
 from facegen_dist.models.gpt import CodeGPT, flatten_codes
 from facegen_dist.models.pixelcnn import top_p_filter
 
-
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
@@ -166,17 +165,20 @@ def test_bf16_autocast():
     assert samples.shape == (3, 12) and 0 <= samples.min() and samples.max() < 11
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"temperature": 0.0}, "temperature must be > 0"),
-    ({"temperature": -1.0}, "temperature must be > 0"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-    ({"top_k": -1}, "top_k must be >= 0"),
-    ({"cond": torch.tensor([0, 1, 3])}, r"class ids must be in \[0, 3\)"),
-    ({"cond": torch.tensor([0, -1, 2])}, r"class ids must be in \[0, 3\)"),
-    ({"cond": None}, "class-conditional"),
-    ({"cond": torch.tensor([0, 1])}, "cond must be int64 class ids of shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"cond": torch.tensor([0, 1, 3])}, r"class ids must be in \[0, 3\)"),
+        ({"cond": torch.tensor([0, -1, 2])}, r"class ids must be in \[0, 3\)"),
+        ({"cond": None}, "class-conditional"),
+        ({"cond": torch.tensor([0, 1])}, "cond must be int64 class ids of shape"),
+    ],
+)
 def test_bad_sample_arguments(kwargs, match):
     model = _model(num_classes=3)
     kwargs = {"cond": torch.tensor([0, 1, 2]), **kwargs}
@@ -199,17 +201,21 @@ def test_bad_forward_arguments():
         CodeGPT(11, 12, n_layer=1, n_head=3, n_embd=16)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("model.top_p=1.5", r"model.top_p \(--top-p\) is 1.5: must be in \(0, 1\]"),
-    ("model.temperature=0", r"model.temperature \(--temperature\) is 0(.0)?: must be > 0"),
-    ("model.top_k=-2", r"model.top_k \(--top-k\) is -2: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.top_p=1.5", r"model.top_p \(--top-p\) is 1.5: must be in \(0, 1\]"),
+        ("model.temperature=0", r"model.temperature \(--temperature\) is 0(.0)?: must be > 0"),
+        ("model.top_k=-2", r"model.top_k \(--top-k\) is -2: must be >= 0"),
+    ],
+)
 def test_bad_sampling_config_names_the_flag(override, match):
     # Checked before the VQ run is read, so a missing vq_run folder does not mask it.
+    from helpers import REPO
+
     from facegen_dist.config import load_config
     from facegen_dist.errors import ConfigError
     from facegen_dist.methods import build_method
-    from helpers import REPO
 
     config = REPO / "configs" / "prior_vqgan_avatars64.yaml"
     cfg = load_config([str(config)], ["model.vq_run=runs/does-not-exist", override])

@@ -7,12 +7,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY, TINY_VQVAE2, run_facegen, run_train
 from PIL import Image
 
 from facegen_dist.analysis import latent
 from facegen_dist.analysis.latent import (
-    StudyOptions, aggregate_moments, attribute_vector, choose_attribute_value, encode_split, interpolate,
-    kl_to_standard_normal, knn_accuracy, latent_statistics, mahalanobis, pca, read_split_attributes, slerp, study_run, tsne,
+    StudyOptions,
+    aggregate_moments,
+    attribute_vector,
+    choose_attribute_value,
+    encode_split,
+    interpolate,
+    kl_to_standard_normal,
+    knn_accuracy,
+    latent_statistics,
+    mahalanobis,
+    pca,
+    read_split_attributes,
+    slerp,
+    study_run,
+    tsne,
 )
 from facegen_dist.cli import main
 from facegen_dist.config import load_config
@@ -23,7 +37,6 @@ from facegen_dist.methods import build_method
 from facegen_dist.methods.autoencoder import AutoencoderMethod
 from facegen_dist.methods.vqvae import NO_GAUSSIAN_PRIOR
 from facegen_dist.train.restore import restore_run
-from helpers import TINY, TINY_VQVAE2, run_facegen, run_train
 
 VIEWS = ("reconstruction", "latent_map", "generation", "interpolation", "attribute_vector")
 LATENT = ["--num", "38", "--batch-size", "8", "--attr", "accessory"]  # the tiny val split has 38 images
@@ -57,7 +70,9 @@ def test_kl_of_the_aggregate_posterior_gaussian_fit_by_hand():
     assert torch.allclose(covariance, torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
     assert kl_to_standard_normal(mean, covariance) == pytest.approx(0.5 * (1 + 2 - 2 - math.log(2)))
     # A VAE adds the mean posterior variance (0.5 here) and a shifted mean adds |mu|^2 / 2.
-    mean, covariance = aggregate_moments(codes + torch.tensor([1.0, 0.0], dtype=torch.float64), torch.full((4, 2), math.log(0.5)))
+    mean, covariance = aggregate_moments(
+        codes + torch.tensor([1.0, 0.0], dtype=torch.float64), torch.full((4, 2), math.log(0.5))
+    )
     assert kl_to_standard_normal(mean, covariance) == pytest.approx(0.5 * (1.5 + 2.5 + 1 - 2 - math.log(1.5 * 2.5)))
     assert kl_to_standard_normal(*aggregate_moments(torch.randn(3, 5), None)) is None  # fewer codes than dimensions
     prior = torch.randn(20000, 4, generator=torch.Generator().manual_seed(0))
@@ -66,14 +81,23 @@ def test_kl_of_the_aggregate_posterior_gaussian_fit_by_hand():
 
 def test_diagonal_fit_by_hand_and_no_full_fit_for_a_huge_latent(monkeypatch):
     a, b = math.sqrt(1.5), math.sqrt(3.0)
-    codes = torch.tensor([[a, 0.0], [-a, 0.0], [0.0, b], [0.0, -b]], dtype=torch.float64) + torch.tensor([1.0, 0.0], dtype=torch.float64)
+    codes = torch.tensor([[a, 0.0], [-a, 0.0], [0.0, b], [0.0, -b]], dtype=torch.float64) + torch.tensor(
+        [1.0, 0.0], dtype=torch.float64
+    )
     stats = latent_statistics(codes, None)  # diag(1, 2) around (1, 0): the full fit is diagonal too, so both agree
     assert stats["kl_diagonal_gaussian_fit"] == pytest.approx(0.5 * (1 + 2 + 1 - 2 - math.log(2)))
-    assert stats["kl_gaussian_fit"] == pytest.approx(stats["kl_diagonal_gaussian_fit"]) and "kl_gaussian_fit_note" not in stats
-    assert latent_statistics(torch.randn(3, 5), None)["kl_gaussian_fit_note"].startswith("singular covariance: 3 latents in 5 dims")
+    assert (
+        stats["kl_gaussian_fit"] == pytest.approx(stats["kl_diagonal_gaussian_fit"])
+        and "kl_gaussian_fit_note" not in stats
+    )
+    assert latent_statistics(torch.randn(3, 5), None)["kl_gaussian_fit_note"].startswith(
+        "singular covariance: 3 latents in 5 dims"
+    )
     monkeypatch.setattr(latent, "MAX_FULL_FIT_DIMS", 1)
     stats = latent_statistics(codes, None)
-    assert stats["kl_gaussian_fit"] is None and stats["kl_gaussian_fit_note"].startswith("not computed: a full covariance of 2 dims")
+    assert stats["kl_gaussian_fit"] is None and stats["kl_gaussian_fit_note"].startswith(
+        "not computed: a full covariance of 2 dims"
+    )
     assert stats["kl_diagonal_gaussian_fit"] == pytest.approx(0.5 * (1 + 2 + 1 - 2 - math.log(2)))
 
 
@@ -92,13 +116,17 @@ def test_knn_accuracy_with_its_majority_baseline():
     result = knn_accuracy(clustered, labels, k=5, test_fraction=0.5, seed=0)
     test = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:30]
     assert result["accuracy"] == 1.0 and (result["num_train"], result["num_test"], result["k"]) == (30, 30, 5)
-    assert result["majority_baseline"] == pytest.approx(float((labels[test] == 0).double().mean()))  # class 0 is the largest
+    assert result["majority_baseline"] == pytest.approx(
+        float((labels[test] == 0).double().mean())
+    )  # class 0 is the largest
     unrelated = knn_accuracy(torch.randn(60, 2, generator=generator), labels, k=5, seed=0)
     assert unrelated["accuracy"] < 0.8 and unrelated["majority_baseline"] == result["majority_baseline"]
 
 
 def test_projection_is_deterministic_for_a_seed_and_its_signs_are_fixed():
-    latents = torch.randn(300, 6, generator=torch.Generator().manual_seed(1)) * torch.tensor([5.0, 2.0, 1.0, 1.0, 0.5, 0.1])
+    latents = torch.randn(300, 6, generator=torch.Generator().manual_seed(1)) * torch.tensor(
+        [5.0, 2.0, 1.0, 1.0, 0.5, 0.1]
+    )
     projected, ratio = pca(latents)
     assert torch.equal(projected, pca(latents.clone())[0])
     assert torch.allclose(pca(-latents)[0], -projected, atol=1e-5)  # same axes, not flipped ones
@@ -129,7 +157,9 @@ def test_slerp_keeps_the_norm_and_hits_both_ends():
     assert torch.allclose(path.norm(dim=1), torch.full((5,), 3.0))
     assert torch.allclose(path[2], torch.tensor([3 / math.sqrt(2), 3 / math.sqrt(2), 0.0]))
     assert torch.allclose(interpolate(a, b, 5, spherical=False)[2], torch.tensor([1.5, 1.5, 0.0]))
-    assert torch.allclose(slerp(a, 2 * a, torch.tensor([0.5])), torch.tensor([[4.5, 0.0, 0.0]]))  # parallel: straight line
+    assert torch.allclose(
+        slerp(a, 2 * a, torch.tensor([0.5])), torch.tensor([[4.5, 0.0, 0.0]])
+    )  # parallel: straight line
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +218,14 @@ def test_a_vq_run_alone_and_beside_a_vae_studies_its_pre_quantisation_latent(tra
         assert "prior samples: none (no N(0, I) prior)" in result.stdout
         latent_map = vq["latent_map"]
         # top 4x4 + bottom 8x8 grids of 8-d latents (embed_dim=8, downsample=4 at 32 px)
-        assert latent_map["dim"] == 640 and len(latent_map["per_dim_std"]) == 640 and latent_map["latent"].endswith("= 640 dims")
-        assert latent_map["kl_gaussian_fit"] is None and latent_map["kl_gaussian_fit_note"].startswith("singular covariance: 38 latents in 640 dims")
+        assert (
+            latent_map["dim"] == 640
+            and len(latent_map["per_dim_std"]) == 640
+            and latent_map["latent"].endswith("= 640 dims")
+        )
+        assert latent_map["kl_gaussian_fit"] is None and latent_map["kl_gaussian_fit_note"].startswith(
+            "singular covariance: 38 latents in 640 dims"
+        )
         assert latent_map["kl_diagonal_gaussian_fit"] > 0 and 0 <= latent_map["knn"]["accuracy"] <= 1
         assert 5 < vq["reconstruction"]["psnr_mean"] < 60 and vq["attribute_vector"]["value"] != "none"
         assert vq["interpolation"]["kind"] == "linear" and vq["interpolation"]["endpoint_max_abs_diff"] < 1e-5
@@ -230,12 +266,18 @@ def test_vq_latent_is_the_pre_quantisation_latent_and_decodes_to_the_reconstruct
         latents, logvar = latent_model.encode(images)
         levels = model.encode_latents(images)
         decoded = latent_model.decode(latents)
-        nudged = latent_model.decode(latents + 1e-6 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)))
+        nudged = latent_model.decode(
+            latents + 1e-6 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+        )
     assert logvar is None and latents.shape == (4, sum(level.flatten(1).shape[1] for level in levels.values()))
-    assert torch.equal(latents, torch.cat([levels[level].flatten(1) for level in model.levels], 1))  # every level, in order
+    assert torch.equal(
+        latents, torch.cat([levels[level].flatten(1) for level in model.levels], 1)
+    )  # every level, in order
     assert torch.allclose(decoded, method.reconstruct(modules, images), atol=1e-6)
     assert torch.equal(nudged, decoded)  # decode snaps to the nearest codes: a small move lands on the same ones
-    assert all(torch.equal(value, buffers[key]) for key, value in model.state_dict().items())  # no codebook update, no EMA
+    assert all(
+        torch.equal(value, buffers[key]) for key, value in model.state_dict().items()
+    )  # no codebook update, no EMA
 
 
 def test_bad_input_is_one_line(trained_runs, tmp_path):
@@ -247,9 +289,13 @@ def test_bad_input_is_one_line(trained_runs, tmp_path):
         (["--run", "runs/vae", "--attr", "wings"], "--attr wings: the data of runs/vae"),
         (["--run", "runs/vae", "--attr", "accessory", "--attr-value", "crown"], "--attr-value crown"),
     ]:
-        result = run_facegen(trained_runs, "latent", *args, "--out", str(tmp_path / "out"), "--num", "38", "--batch-size", "8")
+        result = run_facegen(
+            trained_runs, "latent", *args, "--out", str(tmp_path / "out"), "--num", "38", "--batch-size", "8"
+        )
         errors = [line for line in result.stderr.splitlines() if line.startswith("facegen: error:")]
-        assert result.returncode == 2 and len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stderr, result.stderr
+        assert (
+            result.returncode == 2 and len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stderr
+        ), result.stderr
 
 
 def test_a_method_without_a_continuous_latent_is_named(trained_runs, tmp_path, monkeypatch, capsys):
@@ -267,5 +313,7 @@ def test_one_and_two_processes_write_the_same_latent_json(trained_runs, tmp_path
     two = _latent(trained_runs, tmp_path / "two", runs=runs, num_processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote") == 1  # the main process alone writes and reports
-    assert json.loads((tmp_path / "one" / "latent.json").read_text()) == json.loads((tmp_path / "two" / "latent.json").read_text())
+    assert json.loads((tmp_path / "one" / "latent.json").read_text()) == json.loads(
+        (tmp_path / "two" / "latent.json").read_text()
+    )
     assert all((tmp_path / "two" / f"{view}.png").is_file() for view in VIEWS)

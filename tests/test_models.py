@@ -40,7 +40,16 @@ def test_kl_matches_torch_distributions():
 
 @pytest.mark.parametrize("name", ["ae", "vae"])
 def test_method_loss_is_recon_weight_mse_plus_kl(name, tiny_shards):
-    cfg = load_config([], [f"model.name={name}", "model.channels=[8,8,8,8,8]", "model.latent_dim=4", "model.recon_weight=1000", f"data.path={tiny_shards}"])
+    cfg = load_config(
+        [],
+        [
+            f"model.name={name}",
+            "model.channels=[8,8,8,8,8]",
+            "model.latent_dim=4",
+            "model.recon_weight=1000",
+            f"data.path={tiny_shards}",
+        ],
+    )
     method = build_method(cfg.model, 32)
     modules = method.build_modules()
     modules["autoencoder"].eval()  # deterministic: no reparameterisation noise

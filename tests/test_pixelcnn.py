@@ -5,7 +5,6 @@ import torch
 
 from facegen_dist.models.pixelcnn import GatedPixelCNN
 
-
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
@@ -93,7 +92,13 @@ def test_no_blind_spot():
 @pytest.mark.parametrize("conditional", [False, True])
 def test_fast_logits_equal_full_forward(kernel_size, num_layers, conditional):
     """Teacher-forced through the fast decoder, every position's logits match one full forward."""
-    model = _model(dtype=torch.float32, channels=8, num_layers=num_layers, kernel_size=kernel_size, cond_codes=3 if conditional else 0)
+    model = _model(
+        dtype=torch.float32,
+        channels=8,
+        num_layers=num_layers,
+        kernel_size=kernel_size,
+        cond_codes=3 if conditional else 0,
+    )
     codes = torch.randint(0, 10, (3, 6, 6))
     cond = torch.randint(0, 3, (3, 3, 3)) if conditional else None
     logits = torch.zeros(3, 10, 6, 6)
@@ -111,10 +116,18 @@ def test_fast_logits_equal_full_forward(kernel_size, num_layers, conditional):
 @pytest.mark.parametrize("conditional", [False, True])
 @pytest.mark.parametrize("kernel_size, num_layers", [(3, 3), (5, 2)])
 def test_fast_sampling_equals_naive(temperature, top_k, conditional, kernel_size, num_layers):
-    model = _model(dtype=torch.float32, channels=8, num_layers=num_layers, kernel_size=kernel_size, cond_codes=3 if conditional else 0)
+    model = _model(
+        dtype=torch.float32,
+        channels=8,
+        num_layers=num_layers,
+        kernel_size=kernel_size,
+        cond_codes=3 if conditional else 0,
+    )
     cond = torch.randint(0, 3, (3, 3, 3)) if conditional else None
     samples = {
-        fast: model.sample(3, 6, 6, cond, generator=torch.Generator().manual_seed(7), temperature=temperature, top_k=top_k, fast=fast)
+        fast: model.sample(
+            3, 6, 6, cond, generator=torch.Generator().manual_seed(7), temperature=temperature, top_k=top_k, fast=fast
+        )
         for fast in (True, False)
     }
     assert samples[True].shape == (3, 6, 6) and samples[True].dtype == torch.long

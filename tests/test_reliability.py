@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TINY, _env, accelerate_command, kill9_tree, read_metrics, run_facegen, run_train
 from safetensors.torch import load_file, save_file
 
 from facegen_dist.train.checkpoint import write_manifest
-from helpers import REPO, TINY, _env, accelerate_command, kill9_tree, read_metrics, run_facegen, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,9 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
 
 
 def _rerun(tmp_path, tiny_shards, *extra, total=320):
-    return run_train(tmp_path, *RUN_ARGS, f"data.path={tiny_shards}", "run.name=r", f"train.total_images={total}", *extra)
+    return run_train(
+        tmp_path, *RUN_ARGS, f"data.path={tiny_shards}", "run.name=r", f"train.total_images={total}", *extra
+    )
 
 
 def _nan_weights(folder: Path) -> None:
@@ -64,16 +66,20 @@ def _nan_weights(folder: Path) -> None:
 def _flip_middle(path: Path) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = os.urandom(64)
+    data[middle : middle + 64] = os.urandom(64)
     path.write_bytes(bytes(data))
 
 
 DAMAGE = {
     "model truncated": lambda c: os.truncate(c / "model.safetensors", (c / "model.safetensors").stat().st_size // 2),
-    "model header overwritten": lambda c: c.joinpath("model.safetensors").write_bytes(b"\xff" * 16 + c.joinpath("model.safetensors").read_bytes()[16:]),
+    "model header overwritten": lambda c: c.joinpath("model.safetensors").write_bytes(
+        b"\xff" * 16 + c.joinpath("model.safetensors").read_bytes()[16:]
+    ),
     "random bytes inside the model": lambda c: _flip_middle(c / "model.safetensors"),
     "optimizer deleted": lambda c: (c / "optimizer.bin").unlink(),
-    "garbage optimizer": lambda c: c.joinpath("optimizer.bin").write_bytes(os.urandom((c / "optimizer.bin").stat().st_size)),
+    "garbage optimizer": lambda c: c.joinpath("optimizer.bin").write_bytes(
+        os.urandom((c / "optimizer.bin").stat().st_size)
+    ),
     "EMA deleted": lambda c: (c / "ema_autoencoder.safetensors").unlink(),
     "RNG states deleted": lambda c: (c / "random_states_0.pkl").unlink(),
     "trainer state garbage": lambda c: (c / "trainer_state.json").write_text("{not json"),
@@ -84,7 +90,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_newest_checkpoint_is_skipped_with_one_line_and_the_previous_one_resumes(trained, tiny_shards, tmp_path, damage):
+def test_a_damaged_newest_checkpoint_is_skipped_with_one_line_and_the_previous_one_resumes(
+    trained, tiny_shards, tmp_path, damage
+):
     checkpoints = _copy(trained, tmp_path)
     DAMAGE[damage](checkpoints / NEWEST)
     result = _rerun(tmp_path, tiny_shards)
@@ -103,7 +111,10 @@ def test_no_sound_checkpoint_stops_with_one_line_instead_of_starting_over(traine
             file.unlink()  # every folder emptied
     result = _rerun(tmp_path, tiny_shards)
     _one_line_error(result, "none of its 3 checkpoints can be resumed", "move the folder away")
-    assert not (checkpoints.parent / "summary.json").exists() or json.loads((checkpoints.parent / "summary.json").read_text())["images_seen"] == 256
+    assert (
+        not (checkpoints.parent / "summary.json").exists()
+        or json.loads((checkpoints.parent / "summary.json").read_text())["images_seen"] == 256
+    )
 
 
 def test_an_interrupted_deletion_or_write_never_counts(trained, tiny_shards, tmp_path):
@@ -154,22 +165,38 @@ def test_a_run_folders_config_imports_no_plugin_and_resolves_no_environment(trai
     config = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(config.replace("plugins: []", "plugins:\n  - evil_plugin"))
     env_path = {"PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for command in (["sample", "--run", str(run), "--num", "4", "--batch-size", "4", "--out", str(tmp_path / "s.png")],
-                    ["eval", "--run", str(run), "--metrics", "psnr", "--num", "8"]):
-        result = subprocess.run([sys.executable, "-m", "facegen_dist.cli", *command], cwd=tmp_path, capture_output=True, text=True,
-                                env={**_env(), **env_path}, timeout=300)
+    for command in (
+        ["sample", "--run", str(run), "--num", "4", "--batch-size", "4", "--out", str(tmp_path / "s.png")],
+        ["eval", "--run", str(run), "--metrics", "psnr", "--num", "8"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "facegen_dist.cli", *command],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**_env(), **env_path},
+            timeout=300,
+        )
         _ok(result)
         assert not marker.exists(), f"facegen {command[0]} imported a plugin named only in the run folder"
 
     (run / "config.yaml").write_text(config.replace("name: r\n", "name: ${oc.env:HOME}\n", 1))
-    result = run_facegen(tmp_path, "sample", "--run", str(run), "--num", "4", "--batch-size", "4", "--out", str(tmp_path / "s.png"))
+    result = run_facegen(
+        tmp_path, "sample", "--run", str(run), "--num", "4", "--batch-size", "4", "--out", str(tmp_path / "s.png")
+    )
     _one_line_error(result, "interpolation", "run.name")
 
 
 def test_a_dead_run_stops_non_zero_and_leaves_the_good_checkpoints(trained, tiny_shards, tmp_path):
     checkpoints = _copy(trained, tmp_path)
     before = sorted(p.name for p in checkpoints.iterdir())
-    result = _rerun(tmp_path, tiny_shards, "train.dead_run_steps=10", f"debug.inject_nan_at_steps=[{','.join(map(str, range(32, 64)))}]", total=512)
+    result = _rerun(
+        tmp_path,
+        tiny_shards,
+        "train.dead_run_steps=10",
+        f"debug.inject_nan_at_steps=[{','.join(map(str, range(32, 64)))}]",
+        total=512,
+    )
     _one_line_error(result, "dead run: the last 10 steps were all non-finite", NEWEST, "untouched")
     assert sorted(p.name for p in checkpoints.iterdir()) == before
 
@@ -184,10 +211,15 @@ def test_loaded_weights_that_are_all_non_finite_stop_with_one_line(trained, tiny
     _one_line_error(result, "none of its 3 checkpoints can be resumed", "NaN/inf")
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("run.name=..", "run.name"), ("run.name=.", "run.name"), ("optim.lr=1e39", "optim.lr"),
-    ("model.channels=[8,16,16,32,64]", "autoencoder."),  # another width on resume: the changed keys are named
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("run.name=..", "run.name"),
+        ("run.name=.", "run.name"),
+        ("optim.lr=1e39", "optim.lr"),
+        ("model.channels=[8,16,16,32,64]", "autoencoder."),  # another width on resume: the changed keys are named
+    ],
+)
 def test_bad_input_gives_one_line_naming_the_key(trained, tiny_shards, tmp_path, override, fragment):
     _copy(trained, tmp_path)
     result = _rerun(tmp_path, tiny_shards, override)
@@ -203,11 +235,23 @@ def test_a_yaml_whose_top_level_is_a_list_is_named(tmp_path):
 
 
 def test_launcher_precision_that_disagrees_with_the_config_is_refused(tiny_shards, tmp_path):
-    result = run_train(tmp_path, *RUN_ARGS, f"data.path={tiny_shards}", "train.precision=fp16", "train.total_images=64",
-                       launcher=True, mixed_precision="bf16")
+    result = run_train(
+        tmp_path,
+        *RUN_ARGS,
+        f"data.path={tiny_shards}",
+        "train.precision=fp16",
+        "train.total_images=64",
+        launcher=True,
+        mixed_precision="bf16",
+    )
     # Our one line comes first; `accelerate launch` with one process then adds its own CalledProcessError traceback.
     errors = [line for line in result.stderr.splitlines() if line.startswith("facegen: error:")]
-    assert result.returncode != 0 and len(errors) == 1 and "train.precision=fp16" in errors[0] and "--mixed_precision bf16" in errors[0]
+    assert (
+        result.returncode != 0
+        and len(errors) == 1
+        and "train.precision=fp16" in errors[0]
+        and "--mixed_precision bf16" in errors[0]
+    )
 
 
 def test_zero_sample_counts_in_a_manifest_are_refused_not_hung(tiny_shards, tmp_path):
@@ -222,6 +266,7 @@ def test_zero_sample_counts_in_a_manifest_are_refused_not_hung(tiny_shards, tmp_
 
 # ---- elastic resume ---------------------------------------------------------------------------
 
+
 def _kill9_when(launch: subprocess.Popen, path: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not path.exists() and launch.poll() is None and time.time() < deadline:
@@ -231,20 +276,43 @@ def _kill9_when(launch: subprocess.Popen, path: Path, timeout: float = 300) -> N
 
 
 def _start(cwd: Path, num_processes: int, *args: str) -> subprocess.Popen:
-    command = accelerate_command(num_processes, *args) if num_processes > 1 else [sys.executable, str(REPO / "train.py"), *args]
-    return subprocess.Popen(command, cwd=cwd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = (
+        accelerate_command(num_processes, *args)
+        if num_processes > 1
+        else [sys.executable, str(REPO / "train.py"), *args]
+    )
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_elastic_resume_1_to_2_to_1_processes_with_a_batch_change_trains_exactly_the_budget(tiny_shards, tmp_path):
-    args = [*TINY, f"data.path={tiny_shards}", "run.name=e", "train.total_images=500", "train.log_every_images=16",
-            "train.ckpt_every_images=128", "train.sample_every_images=100000"]
+    args = [
+        *TINY,
+        f"data.path={tiny_shards}",
+        "run.name=e",
+        "train.total_images=500",
+        "train.log_every_images=16",
+        "train.ckpt_every_images=128",
+        "train.sample_every_images=100000",
+    ]
     checkpoints = tmp_path / "runs" / "e" / "checkpoints"
     _kill9_when(_start(tmp_path, 1, *args), checkpoints / "ckpt-000000000128")  # 1 process x batch 8
     second = _start(tmp_path, 2, *args)  # 2 processes x batch 8: 16 images a step
     _kill9_when(second, checkpoints / "ckpt-000000000256")
     log = second.stdout.read()
-    assert "resumed from" in log and "ckpt-000000000128 at 128 images" in log and "data layout changed" in log, log[-3000:]
-    third = run_train(tmp_path, *args, "train.batch_size=16")  # 1 process x batch 16: 16 images a step, another layout again
+    assert "resumed from" in log and "ckpt-000000000128 at 128 images" in log and "data layout changed" in log, log[
+        -3000:
+    ]
+    third = run_train(
+        tmp_path, *args, "train.batch_size=16"
+    )  # 1 process x batch 16: 16 images a step, another layout again
     _ok(third)
     assert "ckpt-000000000256 at 256 images" in third.stderr and "1 x 1 x 16 x 4" in third.stderr
 
@@ -255,7 +323,9 @@ def test_elastic_resume_1_to_2_to_1_processes_with_a_batch_change_trains_exactly
     assert seen == sorted(set(seen)) and seen[-1] == summary["images_seen"]  # no row twice, none out of order
     worlds = [row["world_size"] for row in rows]
     assert worlds[0] == 1 and 2 in worlds and worlds[-1] == 1
-    for index in range(1, len(rows)):  # the loss goes on where it was at each change of layout (no restart from scratch)
+    for index in range(
+        1, len(rows)
+    ):  # the loss goes on where it was at each change of layout (no restart from scratch)
         if worlds[index] != worlds[index - 1]:
             assert rows[index]["loss"] < 1.5 * rows[index - 1]["loss"], (rows[index - 1], rows[index])
     assert all(math.isfinite(row["loss"]) for row in rows)
@@ -266,11 +336,20 @@ def test_a_full_disk_says_so_in_one_line_and_the_same_command_resumes_after_spac
     disk = tmp_path / "disk"
     disk.mkdir()
     # ~1.1 MB per tiny checkpoint: the first fits, the second does not.
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): needs root")
     try:
-        args = [*RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={disk}", "run.name=d", "train.total_images=256", "log.num_grid_images=4"]
+        args = [
+            *RUN_ARGS,
+            f"data.path={tiny_shards}",
+            f"run.dir={disk}",
+            "run.name=d",
+            "train.total_images=256",
+            "log.num_grid_images=4",
+        ]
         result = run_train(tmp_path, *args)
         _one_line_error(result, f"no space left on {disk}/d/checkpoints", "ckpt-000000000064 is intact")
         assert sorted(p.name for p in (disk / "d" / "checkpoints").iterdir()) == ["ckpt-000000000064"]
@@ -291,18 +370,33 @@ def test_a_deepspeed_config_dropped_by_accelerate_use_cpu_is_refused(tiny_shards
     assert not (tmp_path / "runs" / "vae_avatars64" / "summary.json").exists()
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("model.latent_dim=-3", "model.latent_dim: -3 must be > 0"), ("model.latent_dim=0", "model.latent_dim: 0 must be > 0"),
-    ("data.resolution=16", "data.resolution must be a multiple of 32"), ("model.channels=[8,8,8,8,8,8,8]", "model.channels: 7 entries"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.latent_dim=-3", "model.latent_dim: -3 must be > 0"),
+        ("model.latent_dim=0", "model.latent_dim: 0 must be > 0"),
+        ("data.resolution=16", "data.resolution must be a multiple of 32"),
+        ("model.channels=[8,8,8,8,8,8,8]", "model.channels: 7 entries"),
+    ],
+)
 def test_bad_model_settings_give_one_line(tiny_shards, tmp_path, override, fragment):
-    result = run_train(tmp_path, *RUN_ARGS, f"data.path={tiny_shards}", "run.name=bad", "train.total_images=64", override)
+    result = run_train(
+        tmp_path, *RUN_ARGS, f"data.path={tiny_shards}", "run.name=bad", "train.total_images=64", override
+    )
     _one_line_error(result, fragment)
 
 
 def test_overrides_may_stand_on_both_sides_of_config(tiny_shards, tmp_path):
     config = REPO / "configs" / "vae_avatars64.yaml"
-    result = run_train(tmp_path, "train.total_images=64", "--config", str(config), *RUN_ARGS, f"data.path={tiny_shards}", "run.name=mixed")
+    result = run_train(
+        tmp_path,
+        "train.total_images=64",
+        "--config",
+        str(config),
+        *RUN_ARGS,
+        f"data.path={tiny_shards}",
+        "run.name=mixed",
+    )
     _ok(result)
     assert json.loads((tmp_path / "runs" / "mixed" / "summary.json").read_text())["images_seen"] == 64
 
@@ -332,8 +426,10 @@ def test_the_exact_gradient_hook_raises_when_its_gather_fails_instead_of_averagi
 def test_a_lost_peer_is_one_line_and_other_runtime_errors_are_not_hidden():
     from facegen_dist.cli import _lost_peer
 
-    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:33467. "
-                        "This is typically caused by a remote worker crashing. Check the logs of the remote worker before reporting an error.")
+    gloo = RuntimeError(
+        "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:33467. "
+        "This is typically caused by a remote worker crashing. Check the logs of the remote worker before reporting an error."
+    )
     line = _lost_peer(gloo)
     assert line.startswith("rank 0: another training process is gone (Connection closed by peer [127.0.0.1]:33467)")
     assert "run the same command to resume" in line and "\n" not in line

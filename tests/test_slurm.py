@@ -15,15 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, _env, read_metrics, run_facegen, run_train, start_train
 
 START = REPO.parent / "shared" / "slurm" / "start-local-slurm.sh"
 pytestmark = pytest.mark.slow
 
 # The tiny VAE on 32 px shards, every step logged; 2 CPU processes. 400 steps: long enough to preempt twice.
-RUN_ARGS = [*TINY, "train.precision=no", "train.total_images=6400", "train.log_every_images=16",
-            "train.ckpt_every_images=100000", "train.sample_every_images=100000"]
+RUN_ARGS = [
+    *TINY,
+    "train.precision=no",
+    "train.total_images=6400",
+    "train.log_every_images=16",
+    "train.ckpt_every_images=100000",
+    "train.sample_every_images=100000",
+]
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=2", "--export=ALL,FACEGEN_CPU=1,FACEGEN_PROCS_PER_NODE=2"]
 
 
@@ -42,7 +47,11 @@ def _sbatch(tmp_path: Path, script: str, *args: str, options: list[str] = CPU_JO
     env.pop("SLURM_JOB_ID", None)
     result = subprocess.run(
         ["sbatch", "--parsable", *options, f"--output={tmp_path}/%j.out", str(REPO / "slurm" / script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
@@ -50,7 +59,9 @@ def _sbatch(tmp_path: Path, script: str, *args: str, options: list[str] = CPU_JO
 
 def _job_state(job_id: str) -> str:
     """From sacct: the state of the job allocation (COMPLETED, FAILED, RUNNING, PENDING, REQUEUED, ...)."""
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True).stdout.splitlines()
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True
+    ).stdout.splitlines()
     return out[-1].split()[0] if out and out[-1].strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
 
 
@@ -66,7 +77,15 @@ def _wait_for(condition, timeout: float, what: str, log: Path | None = None):
 
 
 def _wait_done(job_id: str, log: Path, timeout: float = 300) -> str:
-    return _wait_for(lambda: (s := _job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and s, timeout, f"job {job_id} to end", log)
+    return _wait_for(
+        lambda: (
+            (s := _job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+            and s
+        ),
+        timeout,
+        f"job {job_id} to end",
+        log,
+    )
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -89,10 +108,20 @@ def preempt_twice(job: str, run_dir: Path, log: Path, steps_between: int, timeou
     seconds = []
     for restart in (1, 2):
         steps_before = len(_rows(run_dir))
-        _wait_for(lambda: len(_rows(run_dir)) >= steps_before + steps_between, timeout, f"{steps_between} more steps before preemption {restart}", log)
+        _wait_for(
+            lambda: len(_rows(run_dir)) >= steps_before + steps_between,
+            timeout,
+            f"{steps_between} more steps before preemption {restart}",
+            log,
+        )
         signalled = time.time()
         _preempt(job, burst=10 if restart == 2 else 1)
-        _wait_for(lambda: f"SLURM_RESTART_COUNT={restart})" in log.read_text(), timeout, f"the job to come back with restart {restart}", log)
+        _wait_for(
+            lambda: f"SLURM_RESTART_COUNT={restart})" in log.read_text(),
+            timeout,
+            f"the job to come back with restart {restart}",
+            log,
+        )
         seconds.append(time.time() - signalled)
     return seconds
 
@@ -111,7 +140,9 @@ def test_usr1_to_the_training_processes_stops_them_together_and_the_rerun_contin
     os.kill(int(ranks[1]), signal.SIGUSR1)  # one rank only: the other must stop at the same step
     output = launch.communicate(timeout=300)[0]
     assert launch.returncode == 0, output[-3000:]
-    assert "SIGUSR1 received: stopped after step" in output and "the checkpoint is saved; run the same command" in output
+    assert (
+        "SIGUSR1 received: stopped after step" in output and "the checkpoint is saved; run the same command" in output
+    )
     stopped_at = len(read_metrics(run_dir))
     assert stopped_at < 100 and not (run_dir / "summary.json").exists()
     assert (run_dir / "checkpoints" / f"ckpt-{stopped_at * 16:012d}" / "trainer_state.json").is_file()
@@ -121,8 +152,13 @@ def test_usr1_to_the_training_processes_stops_them_together_and_the_rerun_contin
     assert f"resumed from {Path('runs/stopped/checkpoints')}" in rerun.stderr
     expected, got = read_metrics(tmp_path / "runs" / "ref"), read_metrics(run_dir)
     assert [row["step"] for row in got] == list(range(1, 101))
-    assert [row["loss"] for row in got] == [row["loss"] for row in expected]  # the resumed noise and data are the uninterrupted run's
-    checksums = [json.loads((tmp_path / "runs" / name / "summary.json").read_text())["parameter_checksums"] for name in ("ref", "stopped")]
+    assert [row["loss"] for row in got] == [
+        row["loss"] for row in expected
+    ]  # the resumed noise and data are the uninterrupted run's
+    checksums = [
+        json.loads((tmp_path / "runs" / name / "summary.json").read_text())["parameter_checksums"]
+        for name in ("ref", "stopped")
+    ]
     assert checksums[0] == checksums[1]
 
 
@@ -147,12 +183,22 @@ def test_sbatch_vae128_completes_with_two_processes(reference_run):
 
 def test_sbatch_preempted_twice_requeues_and_matches_uninterrupted_run(reference_run, tiny_shards, tmp_path):
     reference_dir, _ = reference_run
-    job = _sbatch(tmp_path, "vae128.sh", *RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs", "run.name=pre", "log.wandb=offline")
+    job = _sbatch(
+        tmp_path,
+        "vae128.sh",
+        *RUN_ARGS,
+        f"data.path={tiny_shards}",
+        f"run.dir={tmp_path}/runs",
+        "run.name=pre",
+        "log.wandb=offline",
+    )
     run_dir, log = tmp_path / "runs" / "pre", tmp_path / f"{job}.out"
     requeue_seconds = preempt_twice(job, run_dir, log, steps_between=40, timeout=300)
     assert _wait_done(job, log) == "COMPLETED", log.read_text()[-4000:]
 
-    runs = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True).stdout.split()
+    runs = subprocess.run(
+        ["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True
+    ).stdout.split()
     assert runs == ["REQUEUED", "REQUEUED", "COMPLETED"], runs
     text = log.read_text()
     assert text.count("SIGUSR1 received: stopped after step") == 2
@@ -173,12 +219,29 @@ def test_sbatch_preempted_twice_requeues_and_matches_uninterrupted_run(reference
     print(f"requeue -> resumed: {[round(s, 1) for s in requeue_seconds]} s")
 
 
-def submit_and_preempt(tmp_path: Path, options: list[str], overrides: list[str], steps_before: int, timeout: float) -> tuple[str, Path, Path]:
+def submit_and_preempt(
+    tmp_path: Path, options: list[str], overrides: list[str], steps_before: int, timeout: float
+) -> tuple[str, Path, Path]:
     """`facegen submit` a 2-process-per-node run named 'sub', preempt it the way submitit does after `steps_before` steps,
     wait for it to finish; its job id, run folder and task 0's log."""
     result = run_facegen(
-        tmp_path, "submit", *options, "--cpu", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", "debug", "--time", "60",
-        "--config", str(REPO / "configs" / "vae_avatars128.yaml"), *overrides, f"run.dir={tmp_path}/runs", "run.name=sub",
+        tmp_path,
+        "submit",
+        *options,
+        "--cpu",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--partition",
+        "debug",
+        "--time",
+        "60",
+        "--config",
+        str(REPO / "configs" / "vae_avatars128.yaml"),
+        *overrides,
+        f"run.dir={tmp_path}/runs",
+        "run.name=sub",
     )
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.split("facegen submit: job ")[1].split()[0]
@@ -188,7 +251,9 @@ def submit_and_preempt(tmp_path: Path, options: list[str], overrides: list[str],
     log = run_dir / "submitit" / f"{job_id}_0_log.err"
     _wait_for(lambda: len(_rows(run_dir)) >= steps_before, timeout, f"{steps_before} steps", log)
     submitit_job(run_dir, job_id)._interrupt()  # submitit's own preemption: SIGTERM, then its USR2
-    _wait_for(lambda: log.exists() and "SLURM_RESTART_COUNT=1)" in log.read_text(), timeout, "the requeued job to resume", log)
+    _wait_for(
+        lambda: log.exists() and "SLURM_RESTART_COUNT=1)" in log.read_text(), timeout, "the requeued job to resume", log
+    )
     assert _wait_done(job_id, log, timeout=2 * timeout) == "COMPLETED", log.read_text()[-4000:]
     return job_id, run_dir, log
 
@@ -201,23 +266,41 @@ def submitit_job(run_dir: Path, job_id: str):
 
 def test_submitit_preempted_resumes_and_matches_uninterrupted_run(reference_run, tiny_shards, tmp_path):
     reference_dir, _ = reference_run
-    job_id, run_dir, _ = submit_and_preempt(tmp_path, [], [*RUN_ARGS, f"data.path={tiny_shards}"], steps_before=40, timeout=300)
+    job_id, run_dir, _ = submit_and_preempt(
+        tmp_path, [], [*RUN_ARGS, f"data.path={tiny_shards}"], steps_before=40, timeout=300
+    )
     # submitit's logs start afresh on the requeued run; SLURM's accounting keeps both runs.
-    runs = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True).stdout.split()
+    runs = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True
+    ).stdout.split()
     assert runs == ["REQUEUED", "COMPLETED"], runs
     got, expected = read_metrics(run_dir), read_metrics(reference_dir)
     assert [row["step"] for row in got] == list(range(1, 401))
     assert [row["loss"] for row in got] == [row["loss"] for row in expected]
     final = json.loads((run_dir / "summary.json").read_text())
     assert final["world_size"] == 2
-    assert final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
-    assert submitit_job(run_dir, job_id).result()["images_seen"] == 6400  # rank 0's result, as submitit's client sees it
+    assert (
+        final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
+    )
+    assert (
+        submitit_job(run_dir, job_id).result()["images_seen"] == 6400
+    )  # rank 0's result, as submitit's client sees it
 
 
 def test_submit_local_runs_two_processes_without_slurm(tiny_shards, tmp_path):
     result = run_facegen(
-        tmp_path, "submit", "--local", "--cpu", "--tasks-per-node", "2", "--config", str(REPO / "configs" / "vae_avatars64.yaml"),
-        *TINY, "train.total_images=320", f"data.path={tiny_shards}", "run.name=local",
+        tmp_path,
+        "submit",
+        "--local",
+        "--cpu",
+        "--tasks-per-node",
+        "2",
+        "--config",
+        str(REPO / "configs" / "vae_avatars64.yaml"),
+        *TINY,
+        "train.total_images=320",
+        f"data.path={tiny_shards}",
+        "run.name=local",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "done: 320 images, world size 2" in result.stdout
@@ -230,7 +313,15 @@ def test_bad_submissions_fail_in_one_line_and_submit_nothing(slurm_cluster, tiny
     cases = {
         "no such file": ["submit", "--config", "missing.yaml"],
         "unknown partition 'nope'": ["submit", "--config", config, "--partition", "nope", "--cpu"],
-        "submission refused": ["submit", "--config", config, "--gpus-per-node", "1", "--partition", "debug"],  # no GPUs on this cluster
+        "submission refused": [
+            "submit",
+            "--config",
+            config,
+            "--gpus-per-node",
+            "1",
+            "--partition",
+            "debug",
+        ],  # no GPUs on this cluster
         "no shards": ["submit", "--config", config, "--cpu", "data.path=/nonexistent/shards"],
         "inside a SLURM job": ["launch", "--", "train", "--config", config],
     }
@@ -239,7 +330,10 @@ def test_bad_submissions_fail_in_one_line_and_submit_nothing(slurm_cluster, tiny
         result = run_facegen(tmp_path, *args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("facegen: error:") and expected in lines[0], (args, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("facegen: error:") and expected in lines[0], (
+            args,
+            result.stderr,
+        )
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == jobs_before
 
 
@@ -253,7 +347,10 @@ def test_sbatch_bad_node_conditions_fail_cleanly_and_overwrite_nothing(slurm_clu
         # GPUs expected (FACEGEN_CPU unset) on a node with none
         "no GPU visible": (["--gpus-per-node=0", "--cpus-per-task=2"], [f"data.path={tiny_shards}"]),
         # a config file missing on the node
-        "no such file": (CPU_JOB[:2] + ["--export=ALL,FACEGEN_CPU=1,CONFIG=configs/missing.yaml"], [f"data.path={tiny_shards}"]),
+        "no such file": (
+            CPU_JOB[:2] + ["--export=ALL,FACEGEN_CPU=1,CONFIG=configs/missing.yaml"],
+            [f"data.path={tiny_shards}"],
+        ),
     }
     for expected, (options, args) in cases.items():
         job = _sbatch(tmp_path, "vae128.sh", *TINY, *args, f"run.dir={tmp_path}/runs", "run.name=kept", options=options)
@@ -267,13 +364,45 @@ def test_sbatch_bad_node_conditions_fail_cleanly_and_overwrite_nothing(slurm_clu
 
 
 def test_launch_builds_the_multinode_rendezvous_from_slurm_variables(slurm_cluster, tmp_path):
-    env = {**_env(), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    env = {
+        **_env(),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "facegen_dist.cli", "launch", "--cpu", "--procs-per-node", "4", "--dry-run", "--", "eval", "--run", "runs/x"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "facegen_dist.cli",
+            "launch",
+            "--cpu",
+            "--procs-per-node",
+            "4",
+            "--dry-run",
+            "--",
+            "eval",
+            "--run",
+            "runs/x",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     command = result.stdout.split()
-    value = {flag: command[command.index(flag) + 1] for flag in ("--num_machines", "--machine_rank", "--num_processes", "--main_process_ip", "--main_process_port")}
-    assert value == {"--num_machines": "2", "--machine_rank": "1", "--num_processes": "8", "--main_process_ip": "gpu07", "--main_process_port": str(20000 + 4242)}
+    value = {
+        flag: command[command.index(flag) + 1]
+        for flag in ("--num_machines", "--machine_rank", "--num_processes", "--main_process_ip", "--main_process_port")
+    }
+    assert value == {
+        "--num_machines": "2",
+        "--machine_rank": "1",
+        "--num_processes": "8",
+        "--main_process_ip": "gpu07",
+        "--main_process_port": str(20000 + 4242),
+    }
     assert command[-4:] == ["facegen_dist.cli", "eval", "--run", "runs/x"]

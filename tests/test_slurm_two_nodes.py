@@ -15,16 +15,27 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import EVAL_TINY, TINY, read_metrics, run_facegen, run_train
 from test_slurm import START, _rows, _sbatch, _wait_done, _wait_for, preempt_twice, submit_and_preempt, submitit_job
 
 pytestmark = pytest.mark.slow
 
 # 200 steps of 4 ranks x 8 images; every step logged.
-RUN_ARGS = [*TINY, "train.precision=no", "train.total_images=6400", "train.log_every_images=32",
-            "train.ckpt_every_images=100000", "train.sample_every_images=100000", "train.cpu_threads=1"]
-TWO_NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", "--export=ALL,FACEGEN_CPU=1,FACEGEN_PROCS_PER_NODE=2"]
+RUN_ARGS = [
+    *TINY,
+    "train.precision=no",
+    "train.total_images=6400",
+    "train.log_every_images=32",
+    "train.ckpt_every_images=100000",
+    "train.sample_every_images=100000",
+    "train.cpu_threads=1",
+]
+TWO_NODES = [
+    "--nodes=2",
+    "--gpus-per-node=0",
+    "--cpus-per-task=2",
+    "--export=ALL,FACEGEN_CPU=1,FACEGEN_PROCS_PER_NODE=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +52,15 @@ def two_node_cluster():
 @pytest.fixture(scope="module")
 def two_node_reference(two_node_cluster, tiny_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_nodes")
-    job = _sbatch(root, "vae128.sh", *RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={root}/runs", "run.name=ref", options=TWO_NODES)
+    job = _sbatch(
+        root,
+        "vae128.sh",
+        *RUN_ARGS,
+        f"data.path={tiny_shards}",
+        f"run.dir={root}/runs",
+        "run.name=ref",
+        options=TWO_NODES,
+    )
     log = root / f"{job}.out"
     assert _wait_done(job, log, timeout=600) == "COMPLETED", log.read_text()[-4000:]
     return root / "runs" / "ref", log
@@ -58,18 +77,31 @@ def test_two_nodes_train_world_size_4_equal_to_one_node_of_4(two_node_reference,
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     expected, got = read_metrics(tmp_path / "runs" / "one"), read_metrics(run_dir)
     assert [row["loss"] for row in got] == [row["loss"] for row in expected]
-    assert summary["parameter_checksums"] == json.loads((tmp_path / "runs" / "one" / "summary.json").read_text())["parameter_checksums"]
+    assert (
+        summary["parameter_checksums"]
+        == json.loads((tmp_path / "runs" / "one" / "summary.json").read_text())["parameter_checksums"]
+    )
 
 
 def test_two_nodes_preempted_twice_requeue_and_finish_exactly(two_node_reference, tiny_shards, tmp_path):
     reference_dir, _ = two_node_reference
-    job = _sbatch(tmp_path, "vae128.sh", *RUN_ARGS, f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs", "run.name=pre", options=TWO_NODES)
+    job = _sbatch(
+        tmp_path,
+        "vae128.sh",
+        *RUN_ARGS,
+        f"data.path={tiny_shards}",
+        f"run.dir={tmp_path}/runs",
+        "run.name=pre",
+        options=TWO_NODES,
+    )
     run_dir, log = tmp_path / "runs" / "pre", tmp_path / f"{job}.out"
     seconds = preempt_twice(job, run_dir, log, steps_between=30, timeout=600)
     assert _wait_done(job, log, timeout=900) == "COMPLETED", log.read_text()[-4000:]
     text = log.read_text()
     assert text.count("SIGUSR1 received: stopped after step") == 2 and "Traceback" not in text, text[-4000:]
-    runs = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True).stdout.split()
+    runs = subprocess.run(
+        ["sacct", "-j", job, "-X", "-n", "-P", "--duplicates", "-o", "State"], capture_output=True, text=True
+    ).stdout.split()
     assert runs == ["REQUEUED", "REQUEUED", "COMPLETED"], runs
     expected, got = read_metrics(reference_dir), read_metrics(run_dir)
     assert [row["step"] for row in got] == [row["step"] for row in expected]
@@ -82,15 +114,24 @@ def test_two_nodes_preempted_twice_requeue_and_finish_exactly(two_node_reference
 
 
 @pytest.mark.parametrize("nodes_before, nodes_after", [(2, 1), (1, 2)], ids=["2-nodes-to-1", "1-node-to-2"])
-def test_a_run_cancelled_and_resubmitted_on_another_node_count_trains_exactly_its_budget(two_node_cluster, tiny_shards, tmp_path,
-                                                                                          nodes_before, nodes_after):
+def test_a_run_cancelled_and_resubmitted_on_another_node_count_trains_exactly_its_budget(
+    two_node_cluster, tiny_shards, tmp_path, nodes_before, nodes_after
+):
     """N nodes x 2 processes, cancelled (plain scancel: no requeue) after a periodic checkpoint, then resubmitted on M nodes x 2."""
-    args = [*RUN_ARGS, "train.total_images=3200", "train.ckpt_every_images=640", f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs",
-            "run.name=moved"]
+    args = [
+        *RUN_ARGS,
+        "train.total_images=3200",
+        "train.ckpt_every_images=640",
+        f"data.path={tiny_shards}",
+        f"run.dir={tmp_path}/runs",
+        "run.name=moved",
+    ]
     run_dir = tmp_path / "runs" / "moved"
     job = _sbatch(tmp_path, "vae128.sh", *args, options=[f"--nodes={nodes_before}", *TWO_NODES[1:]])
     log = tmp_path / f"{job}.out"
-    _wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-*")), 600, f"a checkpoint of the {nodes_before}-node run", log)
+    _wait_for(
+        lambda: list((run_dir / "checkpoints").glob("ckpt-*")), 600, f"a checkpoint of the {nodes_before}-node run", log
+    )
     subprocess.run(["scancel", job], check=True)
     assert _wait_done(job, log, timeout=300) == "CANCELLED"
     again = _sbatch(tmp_path, "vae128.sh", *args, options=[f"--nodes={nodes_after}", *TWO_NODES[1:]])
@@ -99,9 +140,16 @@ def test_a_run_cancelled_and_resubmitted_on_another_node_count_trains_exactly_it
     text = again_log.read_text()
     before, after = 2 * nodes_before, 2 * nodes_after
     assert "resumed from" in text, text[-3000:]
-    assert f"data layout changed (processes x data workers x batch x shuffle group: {before} x 1 x 8 x 4 -> {after} x 1 x 8 x 4)" in text
+    assert (
+        f"data layout changed (processes x data workers x batch x shuffle group: {before} x 1 x 8 x 4 -> {after} x 1 x 8 x 4)"
+        in text
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == after and summary["ranks_in_sync"] and 3200 <= summary["images_seen"] < 3200 + 8 * after
+    assert (
+        summary["world_size"] == after
+        and summary["ranks_in_sync"]
+        and 3200 <= summary["images_seen"] < 3200 + 8 * after
+    )
     rows = read_metrics(run_dir)
     assert rows[0]["world_size"] == before and rows[-1]["world_size"] == after
     assert rows[-1]["images_seen"] == summary["images_seen"]
@@ -123,10 +171,18 @@ def _job_processes(job: str, node_id: str | None = None) -> list[int]:
     return found
 
 
-def test_a_node_lost_mid_run_ends_the_job_on_both_nodes_and_the_same_command_resumes_exactly(two_node_reference, tiny_shards, tmp_path):
+def test_a_node_lost_mid_run_ends_the_job_on_both_nodes_and_the_same_command_resumes_exactly(
+    two_node_reference, tiny_shards, tmp_path
+):
     """Every process of node 2 killed with SIGKILL after a checkpoint: node 1 must not hang in a collective."""
     reference_dir, _ = two_node_reference
-    args = [*RUN_ARGS, "train.ckpt_every_images=640", f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs", "run.name=lost"]
+    args = [
+        *RUN_ARGS,
+        "train.ckpt_every_images=640",
+        f"data.path={tiny_shards}",
+        f"run.dir={tmp_path}/runs",
+        "run.name=lost",
+    ]
     run_dir = tmp_path / "runs" / "lost"
     job = _sbatch(tmp_path, "vae128.sh", *args, options=TWO_NODES)
     log = tmp_path / f"{job}.out"
@@ -155,38 +211,67 @@ def test_a_node_lost_mid_run_ends_the_job_on_both_nodes_and_the_same_command_res
     assert [row["step"] for row in got] == [row["step"] for row in expected]
     assert [row["loss"] for row in got] == [row["loss"] for row in expected]
     final = json.loads((run_dir / "summary.json").read_text())
-    assert final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
+    assert (
+        final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
+    )
     print(f"node lost -> job ended on both nodes: {seconds:.1f} s")
 
 
 def test_submit_on_two_nodes_preempted_requeued_finishes_exactly(two_node_reference, tiny_shards, tmp_path):
     """`facegen submit --nodes 2` (submitit: one task per process, 2 nodes x 2), preempted as submitit does it, requeued, finished."""
     reference_dir, _ = two_node_reference
-    job_id, run_dir, _ = submit_and_preempt(tmp_path, ["--nodes", "2"], [*RUN_ARGS, f"data.path={tiny_shards}"], steps_before=30, timeout=600)
-    runs = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State,NNodes"], capture_output=True, text=True).stdout.split()
+    job_id, run_dir, _ = submit_and_preempt(
+        tmp_path, ["--nodes", "2"], [*RUN_ARGS, f"data.path={tiny_shards}"], steps_before=30, timeout=600
+    )
+    runs = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "State,NNodes"], capture_output=True, text=True
+    ).stdout.split()
     assert runs == ["REQUEUED|2", "COMPLETED|2"], runs
     expected, got = read_metrics(reference_dir), read_metrics(run_dir)
     assert [row["step"] for row in got] == [row["step"] for row in expected]
     assert [row["loss"] for row in got] == [row["loss"] for row in expected]
     final = json.loads((run_dir / "summary.json").read_text())
     assert final["world_size"] == 4 and final["ranks_in_sync"]
-    assert final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
+    assert (
+        final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
+    )
     assert submitit_job(run_dir, job_id).result()["images_seen"] == 6400
 
 
 # slurm/vqgan512.sh with configs/vqgan_ffhq512.yaml as they are (bf16, activation checkpointing, 2 x 4 micro-batches,
 # hinge GAN with a delayed discriminator); only sizes shrunk: 32 px avatars, a tiny VQ-GAN, the tiny perceptual stand-in.
 VQGAN512_TINY = [
-    "data.resolution=32", "data.num_workers=1", "model.channels=16", "model.channel_mult=[1,2,2]", "model.attn_resolutions=[8]",
-    "model.z_channels=16", "model.embed_dim=16", "model.num_codes=64", "model.perceptual=tiny", "model.disc_channels=16",
-    "model.disc_layers=2", "model.disc_start_images=96", "train.total_images=192", "train.ckpt_every_images=96",
-    "train.sample_every_images=192", "train.log_every_images=16", "log.num_grid_images=8", "log.progress=false", "train.cpu_threads=1",
+    "data.resolution=32",
+    "data.num_workers=1",
+    "model.channels=16",
+    "model.channel_mult=[1,2,2]",
+    "model.attn_resolutions=[8]",
+    "model.z_channels=16",
+    "model.embed_dim=16",
+    "model.num_codes=64",
+    "model.perceptual=tiny",
+    "model.disc_channels=16",
+    "model.disc_layers=2",
+    "model.disc_start_images=96",
+    "train.total_images=192",
+    "train.ckpt_every_images=96",
+    "train.sample_every_images=192",
+    "train.log_every_images=16",
+    "log.num_grid_images=8",
+    "log.progress=false",
+    "train.cpu_threads=1",
 ]
 
 
 def test_sbatch_vqgan512_the_headline_script_runs_on_two_nodes(two_node_cluster, tiny_shards, tmp_path):
-    job = _sbatch(tmp_path, "vqgan512.sh", *VQGAN512_TINY, f"data.path={tiny_shards}", f"run.dir={tmp_path}/runs",
-                  options=["--gpus-per-node=0", "--cpus-per-task=1", "--export=ALL,FACEGEN_CPU=1,FACEGEN_PROCS_PER_NODE=1"])
+    job = _sbatch(
+        tmp_path,
+        "vqgan512.sh",
+        *VQGAN512_TINY,
+        f"data.path={tiny_shards}",
+        f"run.dir={tmp_path}/runs",
+        options=["--gpus-per-node=0", "--cpus-per-task=1", "--export=ALL,FACEGEN_CPU=1,FACEGEN_PROCS_PER_NODE=1"],
+    )
     log = tmp_path / f"{job}.out"
     assert _wait_done(job, log, timeout=900) == "COMPLETED", log.read_text()[-4000:]
     text = log.read_text()
@@ -195,12 +280,23 @@ def test_sbatch_vqgan512_the_headline_script_runs_on_two_nodes(two_node_cluster,
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["images_seen"] == 192
     saved = (run_dir / "config.yaml").read_text()
-    for kept in ("precision: bf16", "activation_checkpointing: true", "grad_accum: 4", "batch_size: 2", "disc_loss: hinge"):
+    for kept in (
+        "precision: bf16",
+        "activation_checkpointing: true",
+        "grad_accum: 4",
+        "batch_size: 2",
+        "disc_loss: hinge",
+    ):
         assert kept in saved, kept
     rows = read_metrics(run_dir)
     assert rows[-1]["images_seen"] == 192 and rows[-1]["generator/adaptive_weight"] > 0
-    assert ["discriminator/d_loss" in row for row in rows] == [False] * 6 + [True] * 6  # 16 images a step; D starts at 96
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*")) == ["ckpt-000000000096", "ckpt-000000000192"]
+    assert ["discriminator/d_loss" in row for row in rows] == [False] * 6 + [
+        True
+    ] * 6  # 16 images a step; D starts at 96
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*")) == [
+        "ckpt-000000000096",
+        "ckpt-000000000192",
+    ]
 
 
 def test_sbatch_eval_on_two_nodes_equals_one_process(two_node_reference, tiny_shards, tmp_path):
@@ -208,7 +304,12 @@ def test_sbatch_eval_on_two_nodes_equals_one_process(two_node_reference, tiny_sh
     reference_dir, _ = two_node_reference
     run = tmp_path / "ref"
     shutil.copytree(reference_dir, run, ignore=shutil.ignore_patterns("eval"))
-    options = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--export=ALL,FACEGEN_CPU=1,FACEGEN_PROCS_PER_NODE=1,RUN={run}"]
+    options = [
+        "--nodes=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        f"--export=ALL,FACEGEN_CPU=1,FACEGEN_PROCS_PER_NODE=1,RUN={run}",
+    ]
     eval_args = ["--metrics=fid,kid,prc", "--num", "48", *EVAL_TINY, f"eval.cache_dir={tmp_path / 'cache'}"]
     job = _sbatch(tmp_path, "eval.sh", *eval_args, options=options)
     log = tmp_path / f"{job}.out"
@@ -231,8 +332,15 @@ def test_a_node_that_fails_at_start_up_ends_the_job_in_one_line_naming_it(two_no
     for shard in tiny_shards.iterdir():
         (per_node / "vm1" / shard.name).symlink_to(shard)
     started = time.time()
-    job = _sbatch(tmp_path, "vae128.sh", *RUN_ARGS, f"data.path={per_node}/${{oc.env:SLURMD_NODENAME}}", f"run.dir={tmp_path}/runs",
-                  "run.name=half", options=TWO_NODES)
+    job = _sbatch(
+        tmp_path,
+        "vae128.sh",
+        *RUN_ARGS,
+        f"data.path={per_node}/${{oc.env:SLURMD_NODENAME}}",
+        f"run.dir={tmp_path}/runs",
+        "run.name=half",
+        options=TWO_NODES,
+    )
     log = tmp_path / f"{job}.out"
     assert _wait_done(job, log, timeout=300) == "FAILED", log.read_text()
     _wait_for(lambda: not _job_processes(job), 120, "every process of the job to end")

@@ -21,11 +21,33 @@ def test_compare_reconstructions_draws_every_run_and_reports_eval_numbers(traine
 
     run = trained_run / "runs" / "tiny"
     out = tmp_path / "compare.png"
-    result = subprocess.run([sys.executable, TOOL, "--run", str(run), "--run", f"{run}@ckpt-000000000160", "--num", "4", "--zoom", "2", "--out", str(out)],
-                            cwd=trained_run, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--run",
+            str(run),
+            "--run",
+            f"{run}@ckpt-000000000160",
+            "--num",
+            "4",
+            "--zoom",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=trained_run,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if "PSNR" in line]
-    assert len(lines) == 2 and "ckpt-000000000320 (320 images, EMA)" in lines[0] and "ckpt-000000000160 (160 images, EMA)" in lines[1]
+    assert (
+        len(lines) == 2
+        and "ckpt-000000000320 (320 images, EMA)" in lines[0]
+        and "ckpt-000000000160 (160 images, EMA)" in lines[1]
+    )
     with Image.open(out) as image:
         assert image.size[0] > 4 * 64 and image.size[1] > 3 * 64  # 4 columns, 3 rows of 2x-zoomed 32 px images
 
@@ -41,6 +63,11 @@ def test_compare_reconstructions_draws_every_run_and_reports_eval_numbers(traine
 
 
 def test_compare_reconstructions_bad_run_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, TOOL, "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, TOOL, "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "not a run folder" in result.stderr
     assert not (tmp_path / "x.png").exists()

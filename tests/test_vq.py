@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, leave_two_rank_group
 
 from facegen_dist.config import load_config
 from facegen_dist.errors import ConfigError
 from facegen_dist.methods import build_method
 from facegen_dist.models.quantizer import VectorQuantizer
 from facegen_dist.models.vqvae import VQVAE, VQVAE2
-from helpers import free_port, leave_two_rank_group
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
 
@@ -130,7 +130,9 @@ def _quantizer_rank(rank: int, port: int, update: str, queue, rank1_done) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)  # same initial codebook
     quantizer = VectorQuantizer(num_codes=16, dim=4, update=update, kmeans_init=True, dead_code_steps=2)
-    optimizer = torch.optim.SGD([p for p in quantizer.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=0.1)
+    optimizer = torch.optim.SGD(
+        [p for p in quantizer.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=0.1
+    )
     torch.manual_seed(100 + rank)  # different data on each rank
     for _ in range(6):
         latents = (torch.randn(3, 4, 4, 4) * (1 + rank)).requires_grad_()  # an encoder's output
@@ -152,7 +154,9 @@ def test_two_ranks_with_different_data_hold_identical_codebooks(update):
     queue = context.Queue()
     port = free_port()
     rank1_done = context.Event()
-    processes = [context.Process(target=_quantizer_rank, args=(rank, port, update, queue, rank1_done)) for rank in range(2)]
+    processes = [
+        context.Process(target=_quantizer_rank, args=(rank, port, update, queue, rank1_done)) for rank in range(2)
+    ]
     for process in processes:
         process.start()
     states = dict(queue.get(timeout=120) for _ in processes)
@@ -165,11 +169,14 @@ def test_two_ranks_with_different_data_hold_identical_codebooks(update):
         assert (value == states[1][key]).all(), f"{key} differs between ranks"
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("model.codebook_update=sgd", "model.codebook_update: 'sgd'"),
-    ("model.downsample=3", "model.downsample: 3"),
-    ("model.top_encoder_channels=-1", "model.top_encoder_channels: -1"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.codebook_update=sgd", "model.codebook_update: 'sgd'"),
+        ("model.downsample=3", "model.downsample: 3"),
+        ("model.top_encoder_channels=-1", "model.top_encoder_channels: -1"),
+    ],
+)
 def test_bad_vq_settings_are_one_line_config_errors(override, expected, tiny_shards):
     cfg = load_config([], ["model.name=vqvae2", override, f"data.path={tiny_shards}"])
     with pytest.raises(ConfigError) as error:
@@ -197,7 +204,12 @@ def test_top_encoder_channels_gives_rosinality_parameter_count_and_the_default_k
     # The default is the layout written before the key existed: 1 593 731 trainable, a 128 -> 128 top encoder.
     assert trainable(default) == 1_593_731
     shapes = dict(_layout(default))
-    assert shapes["encoder_top.net.0.weight"] == (128, 128, 4, 4) and shapes["encoder_top.net.2.weight"] == (128, 128, 3, 3)
+    assert shapes["encoder_top.net.0.weight"] == (128, 128, 4, 4) and shapes["encoder_top.net.2.weight"] == (
+        128,
+        128,
+        3,
+        3,
+    )
     assert dict(_layout(rosinality))["encoder_top.net.2.weight"] == (128, 64, 3, 3)
     # Same keys in the same order, so an old run's state dict loads strictly and the model runs.
     assert [name for name, _ in _layout(default)] == [name for name, _ in _layout(rosinality)]

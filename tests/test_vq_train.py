@@ -6,23 +6,33 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import COMMON, TINY_VQVAE2, kill9_after_first_checkpoint, read_metrics, run_facegen, run_train, start_train
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
 
 def _assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
 def vq_root(tmp_path_factory, tiny_shards):
     """runs/vq: a tiny VQ-VAE2 trained by two processes for 1280 images."""
     root = tmp_path_factory.mktemp("vq")
-    result = run_train(root, *TINY_VQVAE2, f"data.path={tiny_shards}", "run.name=vq", "train.total_images=1280",
-                       "train.log_every_images=160", "train.ckpt_every_images=640", "train.sample_every_images=640", num_processes=2)
+    result = run_train(
+        root,
+        *TINY_VQVAE2,
+        f"data.path={tiny_shards}",
+        "run.name=vq",
+        "train.total_images=1280",
+        "train.log_every_images=160",
+        "train.ckpt_every_images=640",
+        "train.sample_every_images=640",
+        num_processes=2,
+    )
     _assert_ok(result)
     return root
 
@@ -50,12 +60,24 @@ def code_shards(vq_root):
     folders = {}
     for processes in (1, 2):
         folders[processes] = vq_root / f"codes{processes}"
-        result = run_facegen(vq_root, "codes", "--run", "runs/vq", "--out", str(folders[processes]), "--batch-size", "16", num_processes=processes)
+        result = run_facegen(
+            vq_root,
+            "codes",
+            "--run",
+            "runs/vq",
+            "--out",
+            str(folders[processes]),
+            "--batch-size",
+            "16",
+            num_processes=processes,
+        )
         _assert_ok(result)
     return folders
 
 
-def test_code_extraction_is_the_same_for_one_and_two_processes_and_matches_the_encoder(code_shards, vq_root, tiny_shards):
+def test_code_extraction_is_the_same_for_one_and_two_processes_and_matches_the_encoder(
+    code_shards, vq_root, tiny_shards
+):
     import torch
 
     from facegen_dist.data.codes import decode_npy
@@ -68,7 +90,9 @@ def test_code_extraction_is_the_same_for_one_and_two_processes_and_matches_the_e
     source = read_manifest(tiny_shards)
     for split in ("train", "val"):
         assert manifests[1]["splits"][split]["num_samples"] == source["splits"][split]["num_samples"]
-        assert [e["file"] for e in manifests[1]["splits"][split]["shards"]] == [e["file"] for e in source["splits"][split]["shards"]]
+        assert [e["file"] for e in manifests[1]["splits"][split]["shards"]] == [
+            e["file"] for e in source["splits"][split]["shards"]
+        ]
     assert manifests[1]["kind"] == "vq-codes" and manifests[1]["levels"] == {"top": [4, 4], "bottom": [8, 8]}
     assert manifests[1]["vq_checkpoint"] == "ckpt-000000001280"
     # The codes are the VQ-VAE2's (EMA) encoding of the images, in shard order.
@@ -86,16 +110,39 @@ def test_code_shards_train_only_their_own_prior(code_shards, vq_root, tmp_path):
     base = [*COMMON, f"data.path={code_shards[1]}", "train.total_images=16"]
     result = run_train(tmp_path, *base, "model.name=vae")
     assert result.returncode == 2 and "holds VQ codes" in result.stderr and "Traceback" not in result.stderr
-    result = run_train(tmp_path, *base, "model.name=pixelcnn_prior", f"model.vq_run={vq_root / 'runs' / 'vq'}", "model.vq_checkpoint=ckpt-000000000640")
-    assert result.returncode == 2 and "set model.vq_checkpoint=ckpt-000000001280" in result.stderr and "Traceback" not in result.stderr
+    result = run_train(
+        tmp_path,
+        *base,
+        "model.name=pixelcnn_prior",
+        f"model.vq_run={vq_root / 'runs' / 'vq'}",
+        "model.vq_checkpoint=ckpt-000000000640",
+    )
+    assert (
+        result.returncode == 2
+        and "set model.vq_checkpoint=ckpt-000000001280" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def _prior_args(name, vq_root, data):
     # Every step logged (8 images x 2 ranks) so that per-step losses can be compared exactly.
-    return [*COMMON, "model.name=pixelcnn_prior", f"model.vq_run={vq_root / 'runs' / 'vq'}", "model.channels=16", "model.layers=3",
-            "model.kernel_size=3", f"data.path={data}", f"run.name={name}", "train.total_images=1920",
-            "train.log_every_images=16", "train.ckpt_every_images=320", "train.sample_every_images=100000",
-            "optim.lr=2e-3", "optim.warmup_images=160", "optim.schedule=cosine"]
+    return [
+        *COMMON,
+        "model.name=pixelcnn_prior",
+        f"model.vq_run={vq_root / 'runs' / 'vq'}",
+        "model.channels=16",
+        "model.layers=3",
+        "model.kernel_size=3",
+        f"data.path={data}",
+        f"run.name={name}",
+        "train.total_images=1920",
+        "train.log_every_images=16",
+        "train.ckpt_every_images=320",
+        "train.sample_every_images=100000",
+        "optim.lr=2e-3",
+        "optim.warmup_images=160",
+        "optim.schedule=cosine",
+    ]
 
 
 def test_prior_on_code_shards_trains_resumes_exactly_after_kill9_and_samples(vq_root, code_shards, tmp_path):
@@ -123,7 +170,19 @@ def test_prior_on_code_shards_trains_resumes_exactly_after_kill9_and_samples(vq_
     grids = {}
     for processes in (1, 2):
         out = tmp_path / f"grid{processes}.png"
-        result = run_facegen(tmp_path, "sample", "--run", "runs/reference", "--num", "6", "--batch-size", "2", "--out", str(out), num_processes=processes)
+        result = run_facegen(
+            tmp_path,
+            "sample",
+            "--run",
+            "runs/reference",
+            "--num",
+            "6",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            num_processes=processes,
+        )
         _assert_ok(result)
         grids[processes] = out.read_bytes()
         record = json.loads(out.with_suffix(".json").read_text())
@@ -145,26 +204,50 @@ def test_sampling_a_vq_run_or_a_missing_run_is_one_line(vq_root, tmp_path):
 
 
 def test_prior_on_a_non_vq_run_is_one_line(trained_run, tiny_shards, tmp_path):
-    result = run_train(tmp_path, *COMMON, "model.name=pixelcnn_prior", f"model.vq_run={trained_run / 'runs' / 'tiny'}", f"data.path={tiny_shards}", "train.total_images=16")
+    result = run_train(
+        tmp_path,
+        *COMMON,
+        "model.name=pixelcnn_prior",
+        f"model.vq_run={trained_run / 'runs' / 'tiny'}",
+        f"data.path={tiny_shards}",
+        "train.total_images=16",
+    )
     assert result.returncode == 2
     assert "is a 'vae' run, not vqvae/vqvae2" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_in_training_fid_on_a_run_that_cannot_sample_stops_at_start(tiny_shards, tmp_path):
-    result = run_train(tmp_path, *TINY_VQVAE2, f"data.path={tiny_shards}", "train.total_images=64", "eval.every_images=32")
+    result = run_train(
+        tmp_path, *TINY_VQVAE2, f"data.path={tiny_shards}", "train.total_images=64", "eval.every_images=32"
+    )
     assert result.returncode == 2
     assert "need samples and a 'vqvae2' run draws none" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("runs/*/checkpoints"))
 
 
 def test_prior_pins_a_named_vq_checkpoint_and_a_wrong_name_is_one_line(vq_root, tiny_shards, tmp_path):
-    args = [*COMMON, "model.name=pixelcnn_prior", f"model.vq_run={vq_root / 'runs' / 'vq'}", f"data.path={tiny_shards}",
-            "model.channels=8", "model.layers=2", "model.kernel_size=3", "train.total_images=16", "run.name=pinned"]
+    args = [
+        *COMMON,
+        "model.name=pixelcnn_prior",
+        f"model.vq_run={vq_root / 'runs' / 'vq'}",
+        f"data.path={tiny_shards}",
+        "model.channels=8",
+        "model.layers=2",
+        "model.kernel_size=3",
+        "train.total_images=16",
+        "run.name=pinned",
+    ]
     result = run_train(tmp_path, *args, "model.vq_checkpoint=ckpt-000000000640")
     _assert_ok(result)
-    record = run_facegen(tmp_path, "sample", "--run", "runs/pinned", "--num", "2", "--batch-size", "2", "--out", str(tmp_path / "g.png"))
+    record = run_facegen(
+        tmp_path, "sample", "--run", "runs/pinned", "--num", "2", "--batch-size", "2", "--out", str(tmp_path / "g.png")
+    )
     _assert_ok(record)
     assert json.loads((tmp_path / "g.json").read_text())["protocol"]["vq_checkpoint"] == "ckpt-000000000640"
     result = run_train(tmp_path, *args, "model.vq_checkpoint=ckpt-999", "run.name=wrong")
-    assert result.returncode == 2 and "model.vq_run:" in result.stderr and "ckpt-999" in result.stderr and "Traceback" not in result.stderr
-
+    assert (
+        result.returncode == 2
+        and "model.vq_run:" in result.stderr
+        and "ckpt-999" in result.stderr
+        and "Traceback" not in result.stderr
+    )

@@ -8,26 +8,40 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import TINY_VQGAN, free_port, leave_two_rank_group
 
 from facegen_dist.errors import ConfigError
 from facegen_dist.models import perceptual
 from facegen_dist.models.discriminator import ActNorm, PatchDiscriminator
-from facegen_dist.models.gan_losses import (adaptive_generator_weight, disc_factor, discriminator_loss,
-                                            feature_matching_loss, generator_adversarial_loss, hinge_d_loss,
-                                            vanilla_d_loss)
+from facegen_dist.models.gan_losses import (
+    adaptive_generator_weight,
+    disc_factor,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
 from facegen_dist.models.perceptual import PerceptualLoss
-from facegen_dist.models.vqgan import AttnBlock, ResnetBlock, VQGAN, group_count
+from facegen_dist.models.vqgan import VQGAN, AttnBlock, ResnetBlock, group_count
 from facegen_dist.models.vqvae import VQVAE
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
-from helpers import TINY_VQGAN, free_port, leave_two_rank_group
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
 CH_MULT = {4: (1, 2, 2), 8: (1, 1, 2, 2)}  # downsampling factor -> channel multipliers
 
 
 def tiny_vqgan(factor: int = 4, **overrides) -> VQGAN:
-    settings = dict(ch=16, ch_mult=CH_MULT[factor], num_res_blocks=1, attn_resolutions=(32 // factor,), resolution=32,
-                    embed_dim=8, z_channels=16, quant=TINY_QUANT)
+    settings = dict(
+        ch=16,
+        ch_mult=CH_MULT[factor],
+        num_res_blocks=1,
+        attn_resolutions=(32 // factor,),
+        resolution=32,
+        embed_dim=8,
+        z_channels=16,
+        quant=TINY_QUANT,
+    )
     return VQGAN(**{**settings, **overrides})
 
 
@@ -44,12 +58,16 @@ def test_vqgan_has_the_vqvae_interface(factor):
     images = torch.rand(2, 3, 32, 32)
     side = 32 // factor
     assert model.levels == VQVAE.levels == ("bottom",)
-    assert model.grid_shapes(32) == {"bottom": (side, side)} and model.grid_shapes(64) == {"bottom": (2 * side, 2 * side)}
+    assert model.grid_shapes(32) == {"bottom": (side, side)} and model.grid_shapes(64) == {
+        "bottom": (2 * side, 2 * side)
+    }
     assert model.quantizers() == {"bottom": model.quantize}
     assert model.encode_latents(images)["bottom"].shape == (2, 8, side, side)
 
     outputs = model(images)
-    reference = VQVAE(channels=16, res_blocks=1, res_channels=8, embed_dim=8, downsample=factor, quant=TINY_QUANT)(images)
+    reference = VQVAE(channels=16, res_blocks=1, res_channels=8, embed_dim=8, downsample=factor, quant=TINY_QUANT)(
+        images
+    )
     assert _structure(outputs) == _structure(reference)
     reconstruction, indices, loss, stats = outputs
     assert reconstruction.shape == images.shape and indices["bottom"].shape == (2, side, side)
@@ -77,7 +95,9 @@ def test_attention_sits_at_the_listed_resolution_and_in_the_middle():
     for part in seen:
         for module in getattr(model, part).modules():
             if isinstance(module, AttnBlock):
-                module.register_forward_hook(lambda m, args, out, part=part: seen[part].append(tuple(args[0].shape[2:])))
+                module.register_forward_hook(
+                    lambda m, args, out, part=part: seen[part].append(tuple(args[0].shape[2:]))
+                )
     model(torch.rand(1, 3, 32, 32))
     # Encoder: 2 blocks at 16 px, then the middle at 8 px; decoder: the middle, then 2+1 blocks at 16 px.
     assert seen["encoder"] == [(16, 16)] * 2 + [(8, 8)]
@@ -150,7 +170,9 @@ def test_gan_loss_values_on_hand_made_logits():
     assert vanilla_d_loss(real, fake).item() == pytest.approx(vanilla)
     assert discriminator_loss(real, fake, "hinge") == hinge_d_loss(real, fake)
     assert generator_adversarial_loss(fake, "hinge").item() == pytest.approx(0.5 / 3)
-    assert generator_adversarial_loss(fake, "vanilla").item() == pytest.approx(sum(softplus(-f) for f in [-2.0, 0.0, 1.5]) / 3)
+    assert generator_adversarial_loss(fake, "vanilla").item() == pytest.approx(
+        sum(softplus(-f) for f in [-2.0, 0.0, 1.5]) / 3
+    )
     with pytest.raises(ValueError):
         generator_adversarial_loss(fake, "wgan")
 
@@ -176,7 +198,9 @@ def test_discriminator_init_and_input_range():
     critic.eval()
     gray = torch.full((1, 3, 32, 32), 0.5)  # 0.5 in [0, 1] is 0 in [-1, 1]: the first conv sees only zeros
     first = critic.main[0]
-    assert torch.allclose(critic.main[:2](gray * 2 - 1), F.leaky_relu(first.bias.view(1, -1, 1, 1).expand(1, -1, 16, 16), 0.2))
+    assert torch.allclose(
+        critic.main[:2](gray * 2 - 1), F.leaky_relu(first.bias.view(1, -1, 1, 1).expand(1, -1, 16, 16), 0.2)
+    )
 
 
 def test_feature_matching_loss():
@@ -196,7 +220,9 @@ def test_actnorm_initialises_to_zero_mean_unit_std():
     x = torch.randn(8, 4, 5, 5) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1) + 7
     out = norm(x)
     flat = out.transpose(0, 1).reshape(4, -1)
-    assert torch.allclose(flat.mean(1), torch.zeros(4), atol=1e-5) and torch.allclose(flat.std(1), torch.ones(4), atol=1e-4)
+    assert torch.allclose(flat.mean(1), torch.zeros(4), atol=1e-5) and torch.allclose(
+        flat.std(1), torch.ones(4), atol=1e-4
+    )
     assert int(norm.initialized) == 1
     loc = norm.loc.detach().clone()
     norm(x + 100)  # initialised once only
@@ -256,7 +282,9 @@ def test_avatar_perceptual_loss_uses_the_shipped_network_and_ranks_blur_above_id
 
     loss = PerceptualLoss("avatar")
     net, _ = load_attribute_net()
-    assert all(torch.equal(a, b) for a, b in zip(loss.net.stages.state_dict().values(), net.trunk.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loss.net.stages.state_dict().values(), net.trunk.state_dict().values())
+    )
     images = torch.rand(2, 3, 64, 64)
     blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
     assert (loss(blurred, images) > loss(images, images)).all()
@@ -314,8 +342,11 @@ def test_vgg16_lpips_loads_a_local_state_dict(empty_hub, tmp_path):
     assert [p for p in loss.parameters() if p.requires_grad] == []
     assert torch.equal(getattr(loss.net.net.slice1, "0").weight, state["features.0.weight"])
     assert torch.equal(getattr(loss.net.net.slice5, "28").bias, state["features.28.bias"])
-    heads = torch.load(os.path.join(os.path.dirname(__import__("lpips").__file__), "weights/v0.1/vgg.pth"),
-                       map_location="cpu", weights_only=True)
+    heads = torch.load(
+        os.path.join(os.path.dirname(__import__("lpips").__file__), "weights/v0.1/vgg.pth"),
+        map_location="cpu",
+        weights_only=True,
+    )
     assert torch.equal(loss.net.lin0.model[1].weight, heads["lin0.model.1.weight"])  # the package's heads, loaded
 
     images, others = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
@@ -330,16 +361,26 @@ def test_activation_checkpointing_gives_the_same_gradients(dropout):
     plain = tiny_vqgan(4, num_res_blocks=2, dropout=dropout)
     checkpointed = tiny_vqgan(4, num_res_blocks=2, dropout=dropout)
     checkpointed.load_state_dict(plain.state_dict())
-    assert checkpoint_blocks({"vqvae": checkpointed}, (ResnetBlock, AttnBlock), "vqgan") == sum(isinstance(m, (ResnetBlock, AttnBlock)) for m in plain.modules())
+    assert checkpoint_blocks({"vqvae": checkpointed}, (ResnetBlock, AttnBlock), "vqgan") == sum(
+        isinstance(m, (ResnetBlock, AttnBlock)) for m in plain.modules()
+    )
     calls = []
-    checkpointed.decoder.up[0].block[0]._checkpoint_wrapped_module.register_forward_pre_hook(lambda *args: calls.append(1))  # pre: recompute stops early
+    checkpointed.decoder.up[0].block[0]._checkpoint_wrapped_module.register_forward_pre_hook(
+        lambda *args: calls.append(1)
+    )  # pre: recompute stops early
     images = torch.rand(2, 3, 32, 32)
     grads = []
     for model in (plain, checkpointed):
         torch.manual_seed(1)
         reconstruction, _, loss, _ = model(images)
         (F.mse_loss(reconstruction, images) + loss).backward()
-        grads.append({name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters() if p.requires_grad})
+        grads.append(
+            {
+                name.replace("._checkpoint_wrapped_module", ""): p.grad
+                for name, p in model.named_parameters()
+                if p.requires_grad
+            }
+        )
     assert len(calls) == 2  # forward, then recomputed in backward: checkpointing is on
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():

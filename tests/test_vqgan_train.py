@@ -7,22 +7,41 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from helpers import REPO, TINY_VQGAN, _env, accelerate_command, kill9_after_first_checkpoint, read_metrics, run_facegen, run_train, start_train
+from helpers import (
+    REPO,
+    TINY_VQGAN,
+    _env,
+    accelerate_command,
+    kill9_after_first_checkpoint,
+    read_metrics,
+    run_facegen,
+    run_train,
+    start_train,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def _assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+    )
 
 
 def test_generator_and_discriminator_phases_touch_only_their_own_parameters(tmp_path, tiny_shards):
     out = tmp_path / "out"
     out.mkdir()
     script = [str(REPO / "tests" / "scripts" / "vqgan_phase_isolation.py"), str(out)]
-    command = accelerate_command(2, *TINY_VQGAN, f"data.path={tiny_shards}", f"run.dir={tmp_path / 'runs'}", "run.name=iso",
-                                 "model.disc_start_images=0", "train.grad_clip=0", script=script)
+    command = accelerate_command(
+        2,
+        *TINY_VQGAN,
+        f"data.path={tiny_shards}",
+        f"run.dir={tmp_path / 'runs'}",
+        "run.name=iso",
+        "model.disc_start_images=0",
+        "train.grad_clip=0",
+        script=script,
+    )
     _assert_ok(subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600))
     ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
     for rank in ranks:
@@ -36,8 +55,16 @@ def test_generator_and_discriminator_phases_touch_only_their_own_parameters(tmp_
 
 def _run_args(name, data):
     # 16 images a step over 2 ranks, every step logged; D turns on at 240 images (step 15), checkpoints every 160.
-    return [*TINY_VQGAN, f"data.path={data}", f"run.name={name}", "train.total_images=480", "train.log_every_images=16",
-            "train.ckpt_every_images=160", "train.sample_every_images=100000", "model.disc_start_images=240"]
+    return [
+        *TINY_VQGAN,
+        f"data.path={data}",
+        f"run.name={name}",
+        "train.total_images=480",
+        "train.log_every_images=16",
+        "train.ckpt_every_images=160",
+        "train.sample_every_images=100000",
+        "model.disc_start_images=240",
+    ]
 
 
 def test_two_processes_discriminator_starts_partway_and_kill9_resume_is_exact_across_it(tmp_path, tiny_shards):
@@ -65,7 +92,14 @@ def test_two_processes_discriminator_starts_partway_and_kill9_resume_is_exact_ac
     assert "resumed from" in resumed.stderr
     got = read_metrics(crashed_dir)
     assert [row["step"] for row in got] == [row["step"] for row in rows]
-    keys = ("generator/loss", "generator/rec", "generator/perceptual", "discriminator/d_loss", "generator/adaptive_weight", "grad_norm/discriminator")
+    keys = (
+        "generator/loss",
+        "generator/rec",
+        "generator/perceptual",
+        "discriminator/d_loss",
+        "generator/adaptive_weight",
+        "grad_norm/discriminator",
+    )
     for want, have in zip(rows, got):
         for key in keys:
             assert want.get(key) == have.get(key), f"step {want['step']} {key}: {want.get(key)} != {have.get(key)}"
@@ -74,12 +108,34 @@ def test_two_processes_discriminator_starts_partway_and_kill9_resume_is_exact_ac
 
 
 def test_gpt_prior_trains_on_a_vqgan_run_and_samples(tmp_path, tiny_shards):
-    vq = run_train(tmp_path, *TINY_VQGAN, f"data.path={tiny_shards}", "run.name=vqgan", "train.total_images=160", "model.disc_start_images=80")
+    vq = run_train(
+        tmp_path,
+        *TINY_VQGAN,
+        f"data.path={tiny_shards}",
+        "run.name=vqgan",
+        "train.total_images=160",
+        "model.disc_start_images=80",
+    )
     _assert_ok(vq)
-    prior_args = [f"data.path={tiny_shards}", "data.resolution=32", "model.name=gpt_prior", f"model.vq_run={tmp_path / 'runs' / 'vqgan'}",
-                  "model.layers=2", "model.heads=2", "model.width=32", "train.batch_size=8", "train.total_images=320",
-                  "train.log_every_images=64", "optim.lr=3e-3", "optim.warmup_images=0", "log.wandb=off", "log.progress=false",
-                  "log.num_grid_images=4", "data.num_workers=1", "run.name=gpt"]
+    prior_args = [
+        f"data.path={tiny_shards}",
+        "data.resolution=32",
+        "model.name=gpt_prior",
+        f"model.vq_run={tmp_path / 'runs' / 'vqgan'}",
+        "model.layers=2",
+        "model.heads=2",
+        "model.width=32",
+        "train.batch_size=8",
+        "train.total_images=320",
+        "train.log_every_images=64",
+        "optim.lr=3e-3",
+        "optim.warmup_images=0",
+        "log.wandb=off",
+        "log.progress=false",
+        "log.num_grid_images=4",
+        "data.num_workers=1",
+        "run.name=gpt",
+    ]
     prior = run_train(tmp_path, *prior_args, num_processes=2)
     _assert_ok(prior)
     rows = read_metrics(tmp_path / "runs" / "gpt")
@@ -89,7 +145,21 @@ def test_gpt_prior_trains_on_a_vqgan_run_and_samples(tmp_path, tiny_shards):
     grids = {}
     for processes in (1, 2):
         out = tmp_path / f"samples{processes}.png"
-        sampled = run_facegen(tmp_path, "sample", "--run", str(tmp_path / "runs" / "gpt"), "--num", "6", "--batch-size", "2", "--top-p", "0.9", "--out", str(out), num_processes=processes)
+        sampled = run_facegen(
+            tmp_path,
+            "sample",
+            "--run",
+            str(tmp_path / "runs" / "gpt"),
+            "--num",
+            "6",
+            "--batch-size",
+            "2",
+            "--top-p",
+            "0.9",
+            "--out",
+            str(out),
+            num_processes=processes,
+        )
         _assert_ok(sampled)
         grids[processes] = out.read_bytes()
     assert grids[1] == grids[2]  # the same seeded chunks, whoever draws them

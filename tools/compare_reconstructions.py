@@ -41,7 +41,9 @@ def compare(run_specs: list[str], num: int, zoom: int, out: Path) -> list[dict]:
     restored = [restore_run(run_dir, checkpoint_name=checkpoint) for run_dir, checkpoint in map(_split_run, run_specs)]
     resolutions = {run.cfg.data.resolution for run in restored}
     if len(resolutions) != 1:
-        raise ConfigError(f"--run: the runs train at different resolutions ({', '.join(map(str, sorted(resolutions)))} px); compare runs of one resolution")
+        raise ConfigError(
+            f"--run: the runs train at different resolutions ({', '.join(map(str, sorted(resolutions)))} px); compare runs of one resolution"
+        )
     resolution = resolutions.pop()
     data_dir = image_dir(resolve_data_dir(restored[0].cfg.data, state))
     inputs = read_images(split_shards(data_dir, "val"), num, resolution)[0].float().div(255)
@@ -56,28 +58,44 @@ def compare(run_specs: list[str], num: int, zoom: int, out: Path) -> list[dict]:
             raise ConfigError(f"--run {run.run_dir}: a '{run.cfg.model.name}' run does not reconstruct images")
         output = output.float().clamp(0, 1)
         record = {
-            "run": str(run.run_dir), "checkpoint": run.checkpoint.name, "images_seen": run.images_seen, "ema": run.ema,
-            "psnr": float(psnr(output, inputs).mean()), "sharpness": sharpness(laplacian_energy(output), laplacian_energy(inputs)),
+            "run": str(run.run_dir),
+            "checkpoint": run.checkpoint.name,
+            "images_seen": run.images_seen,
+            "ema": run.ema,
+            "psnr": float(psnr(output, inputs).mean()),
+            "sharpness": sharpness(laplacian_energy(output), laplacian_energy(inputs)),
         }
         records.append(record)
         rows.append(output)
-        labels.append(f"{run.run_dir.name}\n{run.images_seen:,} img\n{record['psnr']:.2f} dB\nsharp {record['sharpness']:.2f}")
+        labels.append(
+            f"{run.run_dir.name}\n{run.images_seen:,} img\n{record['psnr']:.2f} dB\nsharp {record['sharpness']:.2f}"
+        )
 
     cells = torch.stack(rows)  # [rows, num, 3, H, W]
     if zoom > 1:
         cells = cells.repeat_interleave(zoom, dim=-1).repeat_interleave(zoom, dim=-2)
     cell_inches = 0.8 * zoom
-    figure = Figure(figsize=(cells.shape[1] * cell_inches + 2.0, cells.shape[0] * cell_inches + 0.8), layout="constrained")
-    _image_panel(figure.subplots(), cells, f"{inputs.shape[0]} val images (top) and each run's reconstruction; sharpness 1 = as much fine detail as the inputs",
-                 row_labels=labels)
+    figure = Figure(
+        figsize=(cells.shape[1] * cell_inches + 2.0, cells.shape[0] * cell_inches + 0.8), layout="constrained"
+    )
+    _image_panel(
+        figure.subplots(),
+        cells,
+        f"{inputs.shape[0]} val images (top) and each run's reconstruction; sharpness 1 = as much fine detail as the inputs",
+        row_labels=labels,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     _save(figure, out)
     return records
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="Reconstructions of the same val images by several runs, side by side, with PSNR and sharpness.")
-    parser.add_argument("--run", action="append", required=True, help="run folder, optionally @checkpoint (repeat for each run)")
+    parser = argparse.ArgumentParser(
+        description="Reconstructions of the same val images by several runs, side by side, with PSNR and sharpness."
+    )
+    parser.add_argument(
+        "--run", action="append", required=True, help="run folder, optionally @checkpoint (repeat for each run)"
+    )
     parser.add_argument("--num", type=int, default=8, help="val images (columns)")
     parser.add_argument("--zoom", type=int, default=2, help="pixel enlargement of every image")
     parser.add_argument("--out", required=True, help="PNG to write")
@@ -91,8 +109,10 @@ def main(argv: list[str]) -> int:
         print(f"compare_reconstructions: error: {error}", file=sys.stderr)
         return 2
     for record in records:
-        print(f"{record['run']} {record['checkpoint']} ({record['images_seen']} images{', EMA' if record['ema'] else ''}): "
-              f"PSNR {record['psnr']:.2f} dB, sharpness {record['sharpness']:.3f}")
+        print(
+            f"{record['run']} {record['checkpoint']} ({record['images_seen']} images{', EMA' if record['ema'] else ''}): "
+            f"PSNR {record['psnr']:.2f} dB, sharpness {record['sharpness']:.3f}"
+        )
     print(f"wrote {args.out}")
     return 0
 

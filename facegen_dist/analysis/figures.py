@@ -52,8 +52,16 @@ def _image_panel(ax, cells: torch.Tensor, title: str, col_labels=None, row_label
     rows, cols, _, height, width = cells.shape
     grid = make_grid(cells.reshape(rows * cols, *cells.shape[2:]), nrow=cols, padding=PAD, pad_value=1.0)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_xticks([PAD + j * (width + PAD) + width / 2 - 0.5 for j in range(cols)] if col_labels else [], col_labels or [], fontsize=9)
-    ax.set_yticks([PAD + i * (height + PAD) + height / 2 - 0.5 for i in range(rows)] if row_labels else [], row_labels or [], fontsize=9)
+    ax.set_xticks(
+        [PAD + j * (width + PAD) + width / 2 - 0.5 for j in range(cols)] if col_labels else [],
+        col_labels or [],
+        fontsize=9,
+    )
+    ax.set_yticks(
+        [PAD + i * (height + PAD) + height / 2 - 0.5 for i in range(rows)] if row_labels else [],
+        row_labels or [],
+        fontsize=9,
+    )
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -78,7 +86,9 @@ def _image_figure(studies: list[dict], heading: str, panel, path: Path) -> Path:
     text_inches = max(cols * CELL_INCHES, 3.6)
     figure = Figure(figsize=(len(studies) * panel_inches, rows * CELL_INCHES + 2.0), layout="constrained")
     figure.suptitle(_wrap(heading, len(studies) * panel_inches, 12), fontsize=12)
-    for ax, study, (cells, line, col_labels, row_labels) in zip(figure.subplots(1, len(studies), squeeze=False)[0], studies, drawn):
+    for ax, study, (cells, line, col_labels, row_labels) in zip(
+        figure.subplots(1, len(studies), squeeze=False)[0], studies, drawn
+    ):
         if cells is None:
             _note_panel(ax, _wrap(study["title"], text_inches, 10), _wrap(line, text_inches - 0.4, 10))
         else:
@@ -93,7 +103,7 @@ def reconstruction_figure(studies: list[dict], path: Path) -> Path:
         cells, labels = [], []
         for start in range(0, inputs.shape[0], per_row):
             for images, label in ((inputs, "input"), (reconstructions, "reconstruction")):
-                row = images[start:start + per_row]
+                row = images[start : start + per_row]
                 cells.append(torch.cat([row, torch.ones(per_row - row.shape[0], *row.shape[1:])]))
                 labels.append(label)
         numbers = study["numbers"]["reconstruction"]
@@ -110,8 +120,10 @@ def generation_figure(studies: list[dict], path: Path) -> Path:
         if samples is None:
             return None, numbers["skipped"], None, None
         side = max(1, int(samples.shape[0] ** 0.5))
-        line = (f"Mahalanobis distance under the Gaussian fit of the codes ({numbers['codes']}), median:"
-                f" prior z {_number(numbers['mahalanobis_prior_median'])}, codes {_number(numbers['mahalanobis_code_median'])}")
+        line = (
+            f"Mahalanobis distance under the Gaussian fit of the codes ({numbers['codes']}), median:"
+            f" prior z {_number(numbers['mahalanobis_prior_median'])}, codes {_number(numbers['mahalanobis_code_median'])}"
+        )
         return samples[: side * side].reshape(side, side, *samples.shape[1:]), line, None, None
 
     return _image_figure(studies, "Generation from the prior: the same z ~ N(0, I) through each decoder", panel, path)
@@ -126,18 +138,24 @@ def interpolation_figure(studies: list[dict], path: Path) -> Path:
         labels[0], labels[-1] = "recon A", "recon B"
         return rows, f"{numbers['kind']} interpolation between val pairs", labels, None
 
-    return _image_figure(studies, "Interpolation: latent paths between two validation avatars (t = 0 ... 1)", panel, path)
+    return _image_figure(
+        studies, "Interpolation: latent paths between two validation avatars (t = 0 ... 1)", panel, path
+    )
 
 
 def attribute_figure(studies: list[dict], path: Path) -> Path:
     def panel(study):
         numbers = study["numbers"]["attribute_vector"]
         labels = [f"{s:+g}" if s else "0 (recon)" for s in numbers["strengths"]]
-        line = (f"z + s·v, v = mean[{numbers['attr']}={numbers['value']}] − mean[others]"
-                f" ({numbers['num_with']} vs {numbers['num_without']}, |v| = {numbers['norm']:.3g})")
+        line = (
+            f"z + s·v, v = mean[{numbers['attr']}={numbers['value']}] − mean[others]"
+            f" ({numbers['num_with']} vs {numbers['num_without']}, |v| = {numbers['norm']:.3g})"
+        )
         return study["pictures"]["attribute_vector"], line, labels, [f"({v})" for v in numbers["face_values"]]
 
-    return _image_figure(studies, "Attribute vector: adding s times the attribute direction to faces without it", panel, path)
+    return _image_figure(
+        studies, "Attribute vector: adding s times the attribute direction to faces without it", panel, path
+    )
 
 
 def _value_colours(studies: list[dict]) -> dict[str, tuple]:
@@ -150,7 +168,9 @@ def _value_colours(studies: list[dict]) -> dict[str, tuple]:
     return {value: palette(i) for i, value in enumerate(common)}
 
 
-def _scatter(ax, points: torch.Tensor, values: list[str], colours: dict, title: str, axis_labels: tuple[str, str]) -> None:
+def _scatter(
+    ax, points: torch.Tensor, values: list[str], colours: dict, title: str, axis_labels: tuple[str, str]
+) -> None:
     other = [i for i, value in enumerate(values) if value not in colours]
     if other:
         ax.scatter(points[other, 0], points[other, 1], s=5, color="0.75", label="other", linewidths=0)
@@ -173,23 +193,42 @@ def latent_map_figure(studies: list[dict], path: Path) -> Path:
     figure = Figure(figsize=(width, 4.6 * num_rows + 0.8), layout="constrained")
     axes = figure.subplots(num_rows, len(studies), squeeze=False)
     first = studies[0]["numbers"]["latent_map"]
-    heading = f"Latent map: {first['knn']['num_train'] + first['knn']['num_test']} val latents coloured by {first['attr']}"
+    heading = (
+        f"Latent map: {first['knn']['num_train'] + first['knn']['num_test']} val latents coloured by {first['attr']}"
+    )
     if not with_tsne:
         heading += f"\n{studies[0]['pictures']['latent_map']['tsne_note']}"
     figure.suptitle(_wrap(heading, width - 2.2, 12), fontsize=12)
     for column, study in enumerate(studies):
         numbers, pictures = study["numbers"]["latent_map"], study["pictures"]["latent_map"]
         knn = numbers["knn"]
-        summary = (f"{knn['k']}-NN {numbers['attr']} accuracy {knn['accuracy']:.2f} (majority class {knn['majority_baseline']:.2f})\n"
-                   f"KL(Gaussian fit of q(z) || N(0, I)) = {_fit_kl(numbers)}")
+        summary = (
+            f"{knn['k']}-NN {numbers['attr']} accuracy {knn['accuracy']:.2f} (majority class {knn['majority_baseline']:.2f})\n"
+            f"KL(Gaussian fit of q(z) || N(0, I)) = {_fit_kl(numbers)}"
+        )
         ratio = numbers["pca_explained_variance_ratio"]
-        _scatter(axes[0, column], pictures["pca"], pictures["values"], colours, _wrap(f"{study['title']}\nPCA of the {numbers['latent']}\n{summary}", 5.2, 10),
-                 (f"PC1 ({100 * ratio[0]:.1f}% of variance)", f"PC2 ({100 * ratio[1]:.1f}%)"))
+        _scatter(
+            axes[0, column],
+            pictures["pca"],
+            pictures["values"],
+            colours,
+            _wrap(f"{study['title']}\nPCA of the {numbers['latent']}\n{summary}", 5.2, 10),
+            (f"PC1 ({100 * ratio[0]:.1f}% of variance)", f"PC2 ({100 * ratio[1]:.1f}%)"),
+        )
         if with_tsne:
             if pictures["tsne"] is not None:
-                _scatter(axes[1, column], pictures["tsne"], pictures["values"], colours, _wrap(f"{study['title']}\nt-SNE", 5.2, 10), ("t-SNE 1", "t-SNE 2"))
+                _scatter(
+                    axes[1, column],
+                    pictures["tsne"],
+                    pictures["values"],
+                    colours,
+                    _wrap(f"{study['title']}\nt-SNE", 5.2, 10),
+                    ("t-SNE 1", "t-SNE 2"),
+                )
             else:
-                axes[1, column].text(0.5, 0.5, _wrap(pictures["tsne_note"], 4.5, 9), ha="center", va="center", fontsize=9)
+                axes[1, column].text(
+                    0.5, 0.5, _wrap(pictures["tsne_note"], 4.5, 9), ha="center", va="center", fontsize=9
+                )
                 axes[1, column].set_axis_off()
         _spread_panel(axes[-1, column], study)
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -209,7 +248,14 @@ def _spread_panel(ax, study: dict) -> None:
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="prior N(0, I): std 1")
     ax.set_yscale("log")
     ax.set_xlabel("latent dimension (each curve sorted, largest first)", fontsize=9)
-    ax.set_title(_wrap(f"{study['title']}\nper-dimension spread: {numbers['active_dims']} of {numbers['dim']} dims active (Var of code > 0.01)", 5.2, 10), fontsize=10)
+    ax.set_title(
+        _wrap(
+            f"{study['title']}\nper-dimension spread: {numbers['active_dims']} of {numbers['dim']} dims active (Var of code > 0.01)",
+            5.2,
+            10,
+        ),
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     ax.tick_params(labelsize=8)
 

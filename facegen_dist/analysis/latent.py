@@ -58,7 +58,9 @@ def read_split_attributes(shards: list[ShardInfo], num: int) -> list[dict]:
     raise DataError(f"split has {len(attributes)} images, fewer than the {num} asked for")
 
 
-def encode_split(accelerator, model, data_dir, split: str, num: int, batch_size: int, resolution: int, description: str) -> dict[str, torch.Tensor]:
+def encode_split(
+    accelerator, model, data_dir, split: str, num: int, batch_size: int, resolution: int, description: str
+) -> dict[str, torch.Tensor]:
     """Latent mean (and log-variance) with reconstruction MSE and PSNR of the first `num` images of `split`, on every rank.
 
     Every rank must call it. Reconstructions decode the mean, as the model does in eval mode.
@@ -70,7 +72,11 @@ def encode_split(accelerator, model, data_dir, split: str, num: int, batch_size:
         with torch.no_grad():
             mean, logvar = model.encode(images)
             reconstructions = model.decode(mean).float().clamp(0, 1)
-        rows = {"mean": mean, "mse": (reconstructions - images).pow(2).flatten(1).mean(1), "psnr": psnr(reconstructions, images)}
+        rows = {
+            "mean": mean,
+            "mse": (reconstructions - images).pow(2).flatten(1).mean(1),
+            "psnr": psnr(reconstructions, images),
+        }
         if logvar is not None:
             rows["logvar"] = logvar
         return rows
@@ -108,7 +114,9 @@ def tsne(latents: torch.Tensor, seed: int) -> tuple[torch.Tensor | None, dict]:
     # The usual preprocessing: PCA to <= 50 dimensions removes noise and makes t-SNE much faster.
     reduced, _ = pca(latents, min(50, *latents.shape))
     perplexity = float(min(30.0, (latents.shape[0] - 1) / 3))
-    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced.double().numpy())
+    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        reduced.double().numpy()
+    )
     return torch.from_numpy(embedded).float(), {"perplexity": perplexity, "pca_dims": reduced.shape[1], "seed": seed}
 
 
@@ -176,11 +184,15 @@ def latent_statistics(means: torch.Tensor, logvar: torch.Tensor | None) -> dict:
     }
     fit = gaussian_fit(x, logvar)
     if fit is None:
-        stats["kl_gaussian_fit_note"] = f"not computed: a full covariance of {dim} dims is too large (limit {MAX_FULL_FIT_DIMS}); see kl_diagonal_gaussian_fit"
+        stats["kl_gaussian_fit_note"] = (
+            f"not computed: a full covariance of {dim} dims is too large (limit {MAX_FULL_FIT_DIMS}); see kl_diagonal_gaussian_fit"
+        )
     else:
         stats["kl_gaussian_fit"] = kl_to_standard_normal(*fit)
         if stats["kl_gaussian_fit"] is None:
-            stats["kl_gaussian_fit_note"] = f"singular covariance: {num} latents in {dim} dims; see kl_diagonal_gaussian_fit"
+            stats["kl_gaussian_fit_note"] = (
+                f"singular covariance: {num} latents in {dim} dims; see kl_diagonal_gaussian_fit"
+            )
     if logvar is not None:
         stats["per_dim_aggregate_std"] = variance.sqrt().tolist()  # with the posterior variance: 1 under the prior
         stats["posterior_kl_mean"] = float(gaussian_kl(x, logvar.double()).mean())
@@ -193,14 +205,18 @@ def encode_labels(values: list[str]) -> tuple[torch.Tensor, list[str]]:
     return torch.tensor([index[value] for value in values]), classes
 
 
-def knn_accuracy(latents: torch.Tensor, labels: torch.Tensor, k: int = 5, test_fraction: float = 0.5, seed: int = 0) -> dict:
+def knn_accuracy(
+    latents: torch.Tensor, labels: torch.Tensor, k: int = 5, test_fraction: float = 0.5, seed: int = 0
+) -> dict:
     """k-NN classification of `labels` from the latents on a held-out split, with the majority-class baseline."""
     num = latents.shape[0]
     order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
     num_test = min(num - 1, max(1, round(num * test_fraction)))
     test, train = order[:num_test], order[num_test:]
     k = min(k, len(train))
-    distances = torch.cdist(latents[test].double(), latents[train].double(), compute_mode="donot_use_mm_for_euclid_dist")
+    distances = torch.cdist(
+        latents[test].double(), latents[train].double(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
     nearest = distances.topk(k, largest=False).indices  # nearest first
     num_classes = int(labels.max()) + 1
     # One vote each, plus a bonus far below one that grows with closeness: ties go to the nearer neighbours.
@@ -208,7 +224,10 @@ def knn_accuracy(latents: torch.Tensor, labels: torch.Tensor, k: int = 5, test_f
     votes = torch.zeros(len(test), num_classes, dtype=torch.float64).scatter_add_(1, labels[train][nearest], weights)
     majority = torch.bincount(labels[train], minlength=num_classes).argmax()
     return {
-        "k": k, "num_train": len(train), "num_test": len(test), "num_classes": len(labels[train].unique()),
+        "k": k,
+        "num_train": len(train),
+        "num_test": len(test),
+        "num_classes": len(labels[train].unique()),
         "accuracy": float((votes.argmax(1) == labels[test]).double().mean()),
         "majority_baseline": float((labels[test] == majority).double().mean()),
     }
@@ -248,10 +267,18 @@ def choose_attribute_value(values: list[str], attr: str, requested: str | None) 
     """`requested`, else the most common value other than "none" (ties: alphabetical); some images must lack it."""
     counts = Counter(values)
     if requested is not None and requested not in counts:
-        raise ConfigError(f"--attr-value {requested}: no image has {attr}={requested}; values: {', '.join(sorted(counts))}")
-    candidates = [requested] if requested is not None else sorted((v for v in counts if v != "none" and counts[v] < len(values)), key=lambda v: (-counts[v], v))
+        raise ConfigError(
+            f"--attr-value {requested}: no image has {attr}={requested}; values: {', '.join(sorted(counts))}"
+        )
+    candidates = (
+        [requested]
+        if requested is not None
+        else sorted((v for v in counts if v != "none" and counts[v] < len(values)), key=lambda v: (-counts[v], v))
+    )
     if not candidates or counts[candidates[0]] == len(values):
-        raise ConfigError(f"--attr {attr}: no value that some images have and others lack (values: {', '.join(sorted(counts))}), so no attribute vector")
+        raise ConfigError(
+            f"--attr {attr}: no value that some images have and others lack (values: {', '.join(sorted(counts))}), so no attribute vector"
+        )
     return candidates[0]
 
 
@@ -259,7 +286,9 @@ def attribute_vector(latents: torch.Tensor, values: list[str], value: str) -> tu
     """Mean latent of the images with `value` minus that of the others, and both group sizes."""
     has = torch.tensor([v == value for v in values])
     if has.all() or not has.any():
-        raise ConfigError(f"--attr-value {value}: {'every' if has.all() else 'no'} image has it, so there is no difference to take")
+        raise ConfigError(
+            f"--attr-value {value}: {'every' if has.all() else 'no'} image has it, so there is no difference to take"
+        )
     return latents[has].mean(0) - latents[~has].mean(0), int(has.sum()), int((~has).sum())
 
 
@@ -270,7 +299,9 @@ def _decode(model, latents: torch.Tensor, latent_shape: torch.Size) -> torch.Ten
 
 
 @torch.no_grad()
-def study_run(model, encoded: dict[str, torch.Tensor], images: torch.Tensor, values: list[str], options: StudyOptions) -> tuple[dict, dict]:
+def study_run(
+    model, encoded: dict[str, torch.Tensor], images: torch.Tensor, values: list[str], options: StudyOptions
+) -> tuple[dict, dict]:
     """Numbers (for latent.json) and pictures (for figures.py) of every view of one run.
 
     encoded: encode_split's rows of N val images; images: uint8, the first few of them; values: `options.attr` of all N.
@@ -285,8 +316,11 @@ def study_run(model, encoded: dict[str, torch.Tensor], images: torch.Tensor, val
 
     show = min(options.show, shown)
     numbers["reconstruction"] = {
-        "num": means.shape[0], "mse_mean": float(encoded["mse"].double().mean()), "psnr_mean": float(encoded["psnr"].double().mean()),
-        "psnr_median": float(encoded["psnr"].double().median()), "shown": show,
+        "num": means.shape[0],
+        "mse_mean": float(encoded["mse"].double().mean()),
+        "psnr_mean": float(encoded["psnr"].double().mean()),
+        "psnr_median": float(encoded["psnr"].double().median()),
+        "shown": show,
         "per_image": {"mse": encoded["mse"].tolist(), "psnr": encoded["psnr"].tolist()},
     }
     pictures["reconstruction"] = (images[:show].float().div(255), reconstructions[:show])
@@ -295,20 +329,31 @@ def study_run(model, encoded: dict[str, torch.Tensor], images: torch.Tensor, val
     embedded, tsne_record = tsne(means, options.seed)
     labels, _ = encode_labels(values)
     numbers["latent_map"] = {
-        "attr": options.attr, "latent": getattr(model, "latent_description", "posterior means" if spherical else "codes"),
-        "pca_explained_variance_ratio": explained.tolist(), "tsne": tsne_record,
+        "attr": options.attr,
+        "latent": getattr(model, "latent_description", "posterior means" if spherical else "codes"),
+        "pca_explained_variance_ratio": explained.tolist(),
+        "tsne": tsne_record,
         "knn": knn_accuracy(means, labels, options.k, options.knn_test_fraction, options.seed),
         **latent_statistics(means, logvar),
     }
-    pictures["latent_map"] = {"pca": projected, "tsne": embedded, "tsne_note": tsne_record.get("skipped"), "values": values}
+    pictures["latent_map"] = {
+        "pca": projected,
+        "tsne": embedded,
+        "tsne_note": tsne_record.get("skipped"),
+        "values": values,
+    }
 
     numbers["generation"], pictures["generation"] = _generation(model, means, logvar, latent_shape, options)
 
     pairs = [(2 * i, 2 * i + 1) for i in range(min(options.pairs, shown // 2))]
-    rows = torch.stack([_decode(model, interpolate(means[a], means[b], options.steps, spherical), latent_shape) for a, b in pairs])
+    rows = torch.stack(
+        [_decode(model, interpolate(means[a], means[b], options.steps, spherical), latent_shape) for a, b in pairs]
+    )
     endpoints = torch.stack([reconstructions[[a for a, _ in pairs]], reconstructions[[b for _, b in pairs]]], 1)
     numbers["interpolation"] = {
-        "kind": "slerp" if spherical else "linear", "pairs": pairs, "steps": options.steps,
+        "kind": "slerp" if spherical else "linear",
+        "pairs": pairs,
+        "steps": options.steps,
         "endpoint_max_abs_diff": float((rows[:, [0, -1]] - endpoints).abs().max()),
     }
     pictures["interpolation"] = rows
@@ -320,14 +365,22 @@ def study_run(model, encoded: dict[str, torch.Tensor], images: torch.Tensor, val
     strengths = torch.tensor(options.strengths, dtype=means.dtype)
     grid = torch.stack([_decode(model, means[i] + strengths[:, None] * vector, latent_shape) for i in faces])
     numbers["attribute_vector"] = {
-        "attr": options.attr, "value": value, "num_with": num_with, "num_without": num_without,
-        "norm": float(vector.norm()), "strengths": list(options.strengths), "faces": faces, "face_values": [values[i] for i in faces],
+        "attr": options.attr,
+        "value": value,
+        "num_with": num_with,
+        "num_without": num_without,
+        "norm": float(vector.norm()),
+        "strengths": list(options.strengths),
+        "faces": faces,
+        "face_values": [values[i] for i in faces],
     }
     pictures["attribute_vector"] = grid
     return numbers, pictures
 
 
-def _generation(model, means: torch.Tensor, logvar: torch.Tensor | None, latent_shape: torch.Size, options: StudyOptions) -> tuple[dict, torch.Tensor | None]:
+def _generation(
+    model, means: torch.Tensor, logvar: torch.Tensor | None, latent_shape: torch.Size, options: StudyOptions
+) -> tuple[dict, torch.Tensor | None]:
     """Prior samples z ~ N(0, I) through the decoder and how far they lie from the codes; (record, None) where the model has no such prior."""
     not_applicable = getattr(model, "no_gaussian_prior", None)
     if not_applicable:
@@ -341,9 +394,13 @@ def _generation(model, means: torch.Tensor, logvar: torch.Tensor | None, latent_
     # they concentrate, and the AE's trouble is the directions its codes never take, not their scale.)
     codes = means if logvar is None else means + torch.randn(means.shape, generator=generator) * (0.5 * logvar).exp()
     fit = gaussian_fit(means, logvar)
-    prior_distance, code_distance = (None, None) if fit is None else (mahalanobis(prior, *fit), mahalanobis(codes, *fit))
+    prior_distance, code_distance = (
+        (None, None) if fit is None else (mahalanobis(prior, *fit), mahalanobis(codes, *fit))
+    )
     record = {
-        "num": options.prior_samples, "latent": "z ~ N(0, I)", "seed": options.seed,
+        "num": options.prior_samples,
+        "latent": "z ~ N(0, I)",
+        "seed": options.seed,
         "codes": "z ~ q(z|x)" if spherical else "encoder outputs",
         "mahalanobis_prior_median": None if prior_distance is None else float(prior_distance.median()),
         "mahalanobis_code_median": None if code_distance is None else float(code_distance.median()),

@@ -66,15 +66,40 @@ def read_run(path: Path) -> RunFacts:
 
     if not (path / "config.yaml").is_file():
         raise FacegenError(f"--runs: {path} is not a run folder (no config.yaml)")
-    cfg = load_config([str(path / "config.yaml")], ["data.path=embedded:avatars"])  # the run's shards need not be on this machine
+    cfg = load_config(
+        [str(path / "config.yaml")], ["data.path=embedded:avatars"]
+    )  # the run's shards need not be on this machine
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    evals = [json.loads(p.read_text()) for p in sorted((path / "eval").glob("*.json"))] if (path / "eval").is_dir() else []
+    evals = (
+        [json.loads(p.read_text()) for p in sorted((path / "eval").glob("*.json"))] if (path / "eval").is_dir() else []
+    )
     evals.sort(key=lambda record: record["protocol"]["model"].get("images_seen", 0))
-    grids = {kind: path / "samples" / f"{kind}_final.png" for kind in ("samples", "reconstructions") if (path / "samples" / f"{kind}_final.png").is_file()}
-    sample_records = [json.loads(p.read_text()) for p in sorted((path / "samples").glob("*.json"))] if (path / "samples").is_dir() else []
-    sample_records = sorted((r for r in sample_records if "seconds_per_image" in r), key=lambda r: r.get("images_seen", 0))
-    return RunFacts(path.name, path, cfg.model.name, cfg.data.resolution, _parameters(cfg), summary, _read_jsonl(path / "metrics.jsonl"),
-                    evals, _read_jsonl(path / "eval" / "history.jsonl"), grids, sample_records[-1] if sample_records else None)
+    grids = {
+        kind: path / "samples" / f"{kind}_final.png"
+        for kind in ("samples", "reconstructions")
+        if (path / "samples" / f"{kind}_final.png").is_file()
+    }
+    sample_records = (
+        [json.loads(p.read_text()) for p in sorted((path / "samples").glob("*.json"))]
+        if (path / "samples").is_dir()
+        else []
+    )
+    sample_records = sorted(
+        (r for r in sample_records if "seconds_per_image" in r), key=lambda r: r.get("images_seen", 0)
+    )
+    return RunFacts(
+        path.name,
+        path,
+        cfg.model.name,
+        cfg.data.resolution,
+        _parameters(cfg),
+        summary,
+        _read_jsonl(path / "metrics.jsonl"),
+        evals,
+        _read_jsonl(path / "eval" / "history.jsonl"),
+        grids,
+        sample_records[-1] if sample_records else None,
+    )
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -100,7 +125,10 @@ def training_row(run: RunFacts) -> dict[str, str]:
         "wall h per 1M images": _fmt(seconds / images * 1e6 / 3600 if seconds and images else None),
         "peak memory GB (rank 0)": _fmt(max(peaks) if peaks else None),
         "inference s/image (facegen sample; priors: sampling + decoding)": (
-            f"{_fmt(run.sampling['seconds_per_image'])} ({run.sampling['num']} on {run.sampling['processes']}x {run.sampling['device']})" if run.sampling else MISSING),
+            f"{_fmt(run.sampling['seconds_per_image'])} ({run.sampling['num']} on {run.sampling['processes']}x {run.sampling['device']})"
+            if run.sampling
+            else MISSING
+        ),
     }
 
 
@@ -111,16 +139,22 @@ def quality_rows(run: RunFacts) -> list[dict[str, str]]:
         protocol = record["protocol"]
         seconds, generated = protocol.get("seconds"), protocol.get("num_generated")
         if not any(name.startswith(SAMPLE_METRIC_PREFIXES) for name in record["metrics"]):
-            generated = None  # reconstruction metrics only: the record's num_generated is a setting, no sample was drawn
+            generated = (
+                None  # reconstruction metrics only: the record's num_generated is a setting, no sample was drawn
+            )
         drawn = f"{generated} generated vs" if generated else "reconstructions of"
-        rows.append({
-            "run": run.name,
-            "checkpoint": f"{protocol['model'].get('checkpoint', '?')}: {protocol['model'].get('images_seen')} images{', EMA' if protocol['model'].get('ema') else ''}",
-            **{name: _fmt(value) for name, value in sorted(record["metrics"].items())},
-            "protocol": f"{drawn} {protocol.get('num_reference')} {protocol.get('reference', {}).get('split', '?')} images, "
-                        f"{protocol.get('extractor', {}).get('name', '?')} features, {protocol.get('resolution')} px, seed {protocol.get('seed')}",
-            "eval s per generated image (whole eval: sampling, features, statistics)": _fmt(seconds / generated if seconds and generated else None),
-        })
+        rows.append(
+            {
+                "run": run.name,
+                "checkpoint": f"{protocol['model'].get('checkpoint', '?')}: {protocol['model'].get('images_seen')} images{', EMA' if protocol['model'].get('ema') else ''}",
+                **{name: _fmt(value) for name, value in sorted(record["metrics"].items())},
+                "protocol": f"{drawn} {protocol.get('num_reference')} {protocol.get('reference', {}).get('split', '?')} images, "
+                f"{protocol.get('extractor', {}).get('name', '?')} features, {protocol.get('resolution')} px, seed {protocol.get('seed')}",
+                "eval s per generated image (whole eval: sampling, features, statistics)": _fmt(
+                    seconds / generated if seconds and generated else None
+                ),
+            }
+        )
     return rows
 
 
@@ -128,8 +162,16 @@ def codebook_row(run: RunFacts) -> dict[str, str] | None:
     last = next((row for row in reversed(run.rows) if any("codebook" in key for key in row)), None)
     if last is None:
         return None
-    values = {key.split("codebook_", 1)[1]: value for key, value in last.items() if "codebook_" in key and key.rsplit("/", 1)[-1] in CODEBOOK_KEYS}
-    return {"run": run.name, "at images": _fmt(last.get("images_seen")), **{key: _fmt(value) for key, value in sorted(values.items())}}
+    values = {
+        key.split("codebook_", 1)[1]: value
+        for key, value in last.items()
+        if "codebook_" in key and key.rsplit("/", 1)[-1] in CODEBOOK_KEYS
+    }
+    return {
+        "run": run.name,
+        "at images": _fmt(last.get("images_seen")),
+        **{key: _fmt(value) for key, value in sorted(values.items())},
+    }
 
 
 def _table_md(rows: list[dict[str, str]]) -> str:
@@ -146,7 +188,9 @@ def _table_html(rows: list[dict[str, str]]) -> str:
         return "<p><em>none of these runs has such figures</em></p>"
     columns = list(dict.fromkeys(key for row in rows for key in row))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(row.get(c, MISSING))}</td>" for c in columns) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(row.get(c, MISSING))}</td>" for c in columns) + "</tr>" for row in rows
+    )
     return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
@@ -158,7 +202,9 @@ def y_scale(series: dict[str, list[tuple[float, float]]], log_y: bool) -> str:
     return "log" if all(y > 0 for points in series.values() for _, y in points) else "symlog"
 
 
-def _plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, path: Path, log_y: bool = False) -> bool:
+def _plot(
+    series: dict[str, list[tuple[float, float]]], title: str, ylabel: str, path: Path, log_y: bool = False
+) -> bool:
     series = {name: points for name, points in series.items() if points}
     if not series:
         return False
@@ -188,8 +234,14 @@ def _plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str,
 
 def loss_series(run: RunFacts) -> dict[str, list[tuple[float, float]]]:
     """Every logged training objective: *loss keys, and the priors' nll (they log no *loss key)."""
-    keys = sorted({key for row in run.rows for key in row
-                   if (key.endswith("loss") or key.split("/")[-1] == "nll") and not key.startswith("eval/")})
+    keys = sorted(
+        {
+            key
+            for row in run.rows
+            for key in row
+            if (key.endswith("loss") or key.split("/")[-1] == "nll") and not key.startswith("eval/")
+        }
+    )
     return {key: [(row["images_seen"], row[key]) for row in run.rows if key in row] for key in keys}
 
 
@@ -232,7 +284,12 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
     missing_eval = [run.name for run in runs if not run.evals]
     note = f"No `facegen eval` result for: {', '.join(missing_eval)}." if missing_eval else ""
 
-    md = ["# facegen report", "", f"Runs: {', '.join(run.name for run in runs)}. Every figure is read from the run folders; `{MISSING}` means the run's files do not have it.", ""]
+    md = [
+        "# facegen report",
+        "",
+        f"Runs: {', '.join(run.name for run in runs)}. Every figure is read from the run folders; `{MISSING}` means the run's files do not have it.",
+        "",
+    ]
     for title, rows in sections.items():
         md += [f"## {title}", "", _table_md(rows)]
         if title.startswith("Quality") and note:
@@ -242,26 +299,41 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
     md += ["## Curves", ""] + [f"{caption}:\n\n![{caption}]({file})\n" for caption, file in figures]
     (out / "report.md").write_text("\n".join(md))
 
-    body = [f"<h1>facegen report</h1><p>Runs: {html.escape(', '.join(run.name for run in runs))}. Every figure is read from the run folders; "
-            f"<em>{MISSING}</em> means the run's files do not have it.</p>"]
+    body = [
+        f"<h1>facegen report</h1><p>Runs: {html.escape(', '.join(run.name for run in runs))}. Every figure is read from the run folders; "
+        f"<em>{MISSING}</em> means the run's files do not have it.</p>"
+    ]
     for title, rows in sections.items():
         body.append(f"<h2>{html.escape(title)}</h2>{_table_html(rows)}")
         if title.startswith("Quality") and note:
             body.append(f"<p>{html.escape(note)}</p>")
     body.append("<h2>Samples and reconstructions</h2><div class='grids'>")
-    body += [f"<figure><img src='{file}'><figcaption>{html.escape(run)}: {kind}</figcaption></figure>" for run, kind, file in grids]
+    body += [
+        f"<figure><img src='{file}'><figcaption>{html.escape(run)}: {kind}</figcaption></figure>"
+        for run, kind, file in grids
+    ]
     body.append("</div><h2>Curves</h2>")
-    body += [f"<figure><img src='{file}'><figcaption>{html.escape(caption)}</figcaption></figure>" for caption, file in figures]
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;white-space:nowrap}.scroll{overflow-x:auto}"
-             ".grids{display:flex;flex-wrap:wrap;gap:12px}figure img{max-width:360px}")
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>facegen report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    body += [
+        f"<figure><img src='{file}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, file in figures
+    ]
+    style = (
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;white-space:nowrap}.scroll{overflow-x:auto}"
+        ".grids{display:flex;flex-wrap:wrap;gap:12px}figure img{max-width:360px}"
+    )
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>facegen report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
     return out / "report.md"
 
 
 def report_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="facegen report", description="Markdown + HTML comparison of trained runs, from their files.",
-                                     epilog="Example: facegen report --runs runs/* --out report/")
+    parser = argparse.ArgumentParser(
+        prog="facegen report",
+        description="Markdown + HTML comparison of trained runs, from their files.",
+        epilog="Example: facegen report --runs runs/* --out report/",
+    )
     parser.add_argument("--runs", nargs="+", required=True, help="run folders (each with config.yaml)")
     parser.add_argument("--out", required=True, help="output folder for report.md, report.html and the figures")
     args = parser.parse_args(argv)

@@ -35,7 +35,17 @@ def load_suite(path: str) -> dict:
 
 
 def _launch(processes: int, *args: str) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(processes), "--dynamo_backend", "no"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(processes),
+        "--dynamo_backend",
+        "no",
+    ]
     if processes > 1:
         command.append("--multi_gpu")
     return command + ["-m", "facegen_dist.cli", *args]
@@ -55,13 +65,21 @@ def _evaluated(run_dir: Path) -> bool:
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None or not (run_dir / "eval").is_dir():
         return False
-    return any(json.loads(p.read_text())["protocol"]["model"].get("checkpoint") == checkpoint.name for p in (run_dir / "eval").glob("*.json"))
+    return any(
+        json.loads(p.read_text())["protocol"]["model"].get("checkpoint") == checkpoint.name
+        for p in (run_dir / "eval").glob("*.json")
+    )
 
 
 def suite_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="facegen suite", description="Train, evaluate and report a suite of runs with equal image budgets.",
-                                     epilog="Example: facegen suite --suite configs/suite_avatars_smoke.yaml")
-    parser.add_argument("--suite", required=True, help="suite YAML (configs/suite_avatars.yaml, configs/suite_avatars_smoke.yaml)")
+    parser = argparse.ArgumentParser(
+        prog="facegen suite",
+        description="Train, evaluate and report a suite of runs with equal image budgets.",
+        epilog="Example: facegen suite --suite configs/suite_avatars_smoke.yaml",
+    )
+    parser.add_argument(
+        "--suite", required=True, help="suite YAML (configs/suite_avatars.yaml, configs/suite_avatars_smoke.yaml)"
+    )
     parser.add_argument("--processes", type=int, default=0, help="processes per run (default: the suite's)")
     parser.add_argument("--only", default="", help="comma list of run names to do (default: all)")
     args = parser.parse_args(argv)
@@ -76,7 +94,15 @@ def suite_main(argv: list[str]) -> int:
         if only and name not in only:
             continue
         run_dir = run_root / name
-        train = _launch(processes, "train", "--config", entry["config"], f"train.total_images={suite['images']}", f"run.dir={run_root}", *overrides)
+        train = _launch(
+            processes,
+            "train",
+            "--config",
+            entry["config"],
+            f"train.total_images={suite['images']}",
+            f"run.dir={run_root}",
+            *overrides,
+        )
         started = time.time()
         print(f"facegen suite: {name}: training ({suite['images']} images, {processes} process(es))", flush=True)
         if subprocess.call(train) != 0:
@@ -91,7 +117,18 @@ def suite_main(argv: list[str]) -> int:
         if entry.get("sample") and not timed.with_suffix(".json").is_file():
             print(f"facegen suite: {name}: timing {entry['sample']} samples", flush=True)
             batch = max(1, min(16, int(entry["sample"]) // processes))  # every process needs at least one batch
-            sample = _launch(processes, "sample", "--run", str(run_dir), "--num", str(entry["sample"]), "--batch-size", str(batch), "--out", str(timed))
+            sample = _launch(
+                processes,
+                "sample",
+                "--run",
+                str(run_dir),
+                "--num",
+                str(entry["sample"]),
+                "--batch-size",
+                str(batch),
+                "--out",
+                str(timed),
+            )
             if subprocess.call(sample) != 0:
                 print(f"facegen suite: {name}: sampling failed; reported without it", file=sys.stderr, flush=True)
         print(f"facegen suite: {name}: done in {time.time() - started:.0f} s", flush=True)

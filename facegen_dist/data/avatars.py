@@ -79,6 +79,7 @@ def render_avatar(seed: int, index: int, size: int) -> tuple[bytes, dict[str, st
 
 def attribute_vocabulary() -> dict[str, list[str]]:
     """Every value each attribute can take, for manifests and classifiers."""
+
     def names(members) -> list[str]:
         return sorted({m.name.lower() for m in members})
 

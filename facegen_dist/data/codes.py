@@ -22,7 +22,15 @@ import torch
 from tqdm import tqdm
 
 from facegen_dist.data.pipeline import decode_image
-from facegen_dist.data.shards import ShardWriter, file_sha256, iter_shard_samples, image_extension, read_manifest, splits_summary, write_manifest
+from facegen_dist.data.shards import (
+    ShardWriter,
+    file_sha256,
+    image_extension,
+    iter_shard_samples,
+    read_manifest,
+    splits_summary,
+    write_manifest,
+)
 from facegen_dist.errors import DataError
 from facegen_dist.methods.base import VQ_METHODS
 
@@ -40,7 +48,9 @@ def image_dir(data_dir: str | os.PathLike) -> Path:
         return Path(data_dir)
     source = Path(manifest["images"]["path"])
     if not (source / "manifest.json").is_file():
-        raise DataError(f"{data_dir}: its codes encode the images at '{source}', which are gone (grids and evaluation need them)")
+        raise DataError(
+            f"{data_dir}: its codes encode the images at '{source}', which are gone (grids and evaluation need them)"
+        )
     return source
 
 
@@ -105,13 +115,19 @@ def extract_codes(accelerator, restored, out_dir: str | os.PathLike, batch_size:
     accelerator.wait_for_everyone()
     source = read_manifest(images)
     vq, resolution = restored.modules["vqvae"], restored.cfg.data.resolution
-    mine = [(split, entry) for split, info in source["splits"].items() for index, entry in enumerate(info["shards"])
-            if index % accelerator.num_processes == accelerator.process_index]
+    mine = [
+        (split, entry)
+        for split, info in source["splits"].items()
+        for index, entry in enumerate(info["shards"])
+        if index % accelerator.num_processes == accelerator.process_index
+    ]
     written, skipped = [], 0
     for split, entry in tqdm(mine, desc="encoding shards", unit="shard", disable=not accelerator.is_main_process):
         writer = ShardWriter(tmp, split, samples_per_shard=1 << 30)
         writer.start(entry["file"])  # one code shard per image shard, same name
-        skipped += _encode_shard(vq, str(Path(images) / entry["file"]), writer, resolution, batch_size, accelerator.device)
+        skipped += _encode_shard(
+            vq, str(Path(images) / entry["file"]), writer, resolution, batch_size, accelerator.device
+        )
         writer.close()
         written.append((split, writer.shards[-1]))
     everyone = gather_object([(written, skipped)])
@@ -127,11 +143,22 @@ def extract_codes(accelerator, restored, out_dir: str | os.PathLike, batch_size:
             "name": f"codes of {restored.cfg.run.name}",
             "levels": {level: list(shape) for level, shape in grids.items()},
             "num_codes": int(restored.cfg.model.num_codes),
-            "vq_run": str(restored.run_dir.resolve()), "vq_checkpoint": restored.checkpoint.name, "vq_ema": restored.ema,
-            "images": {"path": str(Path(images).resolve()), "manifest_sha256": file_sha256(Path(images) / "manifest.json"), "resolution": resolution},
+            "vq_run": str(restored.run_dir.resolve()),
+            "vq_checkpoint": restored.checkpoint.name,
+            "vq_ema": restored.ema,
+            "images": {
+                "path": str(Path(images).resolve()),
+                "manifest_sha256": file_sha256(Path(images) / "manifest.json"),
+                "resolution": resolution,
+            },
             "skipped_unreadable": sum(count for _, count in everyone),
-            "splits": {split: {"num_samples": sum(e["num_samples"] for e in entries), "shards": sorted(entries, key=lambda e: e["file"])}
-                       for split, entries in splits.items()},
+            "splits": {
+                split: {
+                    "num_samples": sum(e["num_samples"] for e in entries),
+                    "shards": sorted(entries, key=lambda e: e["file"]),
+                }
+                for split, entries in splits.items()
+            },
         }
         write_manifest(tmp, manifest)
         os.replace(tmp, out_dir)
@@ -148,7 +175,10 @@ def codes_main(argv: list[str]) -> int:
     from facegen_dist.data.resolve import resolve_data_dir
     from facegen_dist.train.restore import restore_run
 
-    parser = argparse.ArgumentParser(prog="facegen codes", description="Encode a VQ run's image dataset into code shards for its prior (shards dealt over processes).")
+    parser = argparse.ArgumentParser(
+        prog="facegen codes",
+        description="Encode a VQ run's image dataset into code shards for its prior (shards dealt over processes).",
+    )
     parser.add_argument("--run", required=True, help="a trained vqvae / vqvae2 run folder")
     parser.add_argument("--out", required=True, help="output folder (must not hold a dataset)")
     parser.add_argument("--checkpoint", default="", help="checkpoint folder name of the run (default: its newest)")
@@ -159,15 +189,24 @@ def codes_main(argv: list[str]) -> int:
         raise DataError("--batch-size must be >= 1")
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))])
     try:
-        restored = restore_run(args.run, device=accelerator.device, use_ema=not args.no_ema, checkpoint_name=args.checkpoint)
+        restored = restore_run(
+            args.run, device=accelerator.device, use_ema=not args.no_ema, checkpoint_name=args.checkpoint
+        )
         if restored.cfg.model.name not in VQ_METHODS:
-            raise DataError(f"--run {args.run}: a '{restored.cfg.model.name}' run has no codes ({'/'.join(VQ_METHODS)} runs do)")
+            raise DataError(
+                f"--run {args.run}: a '{restored.cfg.model.name}' run has no codes ({'/'.join(VQ_METHODS)} runs do)"
+            )
         images = image_dir(resolve_data_dir(restored.cfg.data, accelerator))
         manifest = extract_codes(accelerator, restored, args.out, args.batch_size, images)
         if accelerator.is_main_process:
-            print(f"wrote {args.out}: {splits_summary(manifest)} ({restored.cfg.run.name} @ {restored.checkpoint.name}, grids {manifest['levels']})")
+            print(
+                f"wrote {args.out}: {splits_summary(manifest)} ({restored.cfg.run.name} @ {restored.checkpoint.name}, grids {manifest['levels']})"
+            )
             if manifest["skipped_unreadable"]:
-                print(f"facegen: warning: {manifest['skipped_unreadable']} unreadable image(s) skipped; `facegen data verify` the image shards", file=sys.stderr)
+                print(
+                    f"facegen: warning: {manifest['skipped_unreadable']} unreadable image(s) skipped; `facegen data verify` the image shards",
+                    file=sys.stderr,
+                )
     finally:
         accelerator.end_training()
     return 0

@@ -34,7 +34,16 @@ from tqdm import tqdm
 
 from facegen_dist import __version__
 from facegen_dist.data.make_avatars import split_counts
-from facegen_dist.data.shards import JOURNAL_NAME, MANIFEST_NAME, file_sha256, read_manifest, tar_member, verify_shards, write_json_atomic, write_manifest
+from facegen_dist.data.shards import (
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    file_sha256,
+    read_manifest,
+    tar_member,
+    verify_shards,
+    write_json_atomic,
+    write_manifest,
+)
 from facegen_dist.data.sources import Source, SourceItem
 from facegen_dist.errors import DataError
 
@@ -87,6 +96,7 @@ class ConvertOptions:
 
 # ---- one image: runs in the worker processes ---------------------------------------------
 
+
 def flatten_alpha(image: Image.Image, background: str) -> Image.Image:
     """RGB, with transparent pixels over `background` (convert('RGB') alone keeps whatever colour they hide)."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -119,7 +129,9 @@ def prepare_image(payload: bytes, options: ConvertOptions) -> bytes:
     width, height = image.size
     side = min(width, height)
     if side < options.size and not options.allow_upscale:
-        raise ValueError(f"{width}x{height} is smaller than --size {options.size} (upscaling; pass --allow-upscale to accept it)")
+        raise ValueError(
+            f"{width}x{height} is smaller than --size {options.size} (upscaling; pass --allow-upscale to accept it)"
+        )
     if width != height:
         left, top = (width - side) // 2, (height - side) // 2
         image = image.crop((left, top, left + side, top + side))
@@ -128,7 +140,9 @@ def prepare_image(payload: bytes, options: ConvertOptions) -> bytes:
     return encode_image(image, options.image_format, options.resolved_quality)
 
 
-def _work(task: tuple[str, bytes | str, str | None], options: ConvertOptions) -> tuple[bytes | None, str | None, str | None]:
+def _work(
+    task: tuple[str, bytes | str, str | None], options: ConvertOptions
+) -> tuple[bytes | None, str | None, str | None]:
     """(encoded image or None, reason it was skipped, sha256 of the source bytes)."""
     key, payload, expected_md5 = task
     if isinstance(payload, str):  # the archive could not read it: the reason
@@ -144,13 +158,16 @@ def _work(task: tuple[str, bytes | str, str | None], options: ConvertOptions) ->
 
 # ---- the plan -----------------------------------------------------------------------------
 
+
 def assign_splits(items: list[SourceItem], options: ConvertOptions) -> dict[str, str]:
     """{key: split}. Seeded: a seeded permutation of the sorted keys, the first val_fraction of it val."""
     if options.split == "official":
         missing = [item.key for item in items if item.category not in ("training", "validation")]
         if missing:
-            raise DataError(f"--split official: {len(missing)} image(s) have no category in the dataset's metadata (e.g. {missing[0]}); "
-                            "put ffhq-dataset-v2.json beside the images or use --split seeded")
+            raise DataError(
+                f"--split official: {len(missing)} image(s) have no category in the dataset's metadata (e.g. {missing[0]}); "
+                "put ffhq-dataset-v2.json beside the images or use --split seeded"
+            )
         return {item.key: "train" if item.category == "training" else "val" for item in items}
     keys = sorted(item.key for item in items)
     _, num_val = split_counts(len(keys), options.val_fraction)
@@ -167,7 +184,7 @@ class Plan:
     order: list[str]  # shard files, train then val
 
     @staticmethod
-    def make(items: list[SourceItem], splits: dict[str, str], shard_size: int) -> "Plan":
+    def make(items: list[SourceItem], splits: dict[str, str], shard_size: int) -> Plan:
         shard_of, shard_items = {}, {}
         # Shards follow the read order (sorted for folders and zips, the archive's for tars), so at most one shard per split is open at a time.
         by_split = {split: [item.key for item in items if splits[item.key] == split] for split in SPLITS}
@@ -176,13 +193,15 @@ class Plan:
                 name = f"{split}-{position // shard_size:06d}.tar"
                 shard_of[key] = name
                 shard_items[name] = shard_items.get(name, 0) + 1
-        return Plan(shard_size, shard_of, shard_items, sorted(shard_items, key=lambda n: (SPLITS.index(n.split("-")[0]), n)))
+        return Plan(
+            shard_size, shard_of, shard_items, sorted(shard_items, key=lambda n: (SPLITS.index(n.split("-")[0]), n))
+        )
 
 
 def estimate_shard_size(source: Source, options: ConvertOptions, probe: int = 16) -> int:
     """Samples per shard for ~options.shard_mb MB, from the encoded size of the first readable images."""
     sizes = []
-    for (key, payload) in source.archive.read_many([item.member for item in source.items[:probe]]):
+    for key, payload in source.archive.read_many([item.member for item in source.items[:probe]]):
         if isinstance(payload, bytes):
             try:
                 sizes.append(len(prepare_image(payload, options)) + 1024)  # + tar headers and JSON
@@ -195,9 +214,15 @@ def estimate_shard_size(source: Source, options: ConvertOptions, probe: int = 16
 
 # ---- the journal: what a rerun may keep ---------------------------------------------------
 
+
 def _fingerprint(source: Source) -> dict:
     keys = hashlib.sha256("\n".join(f"{item.key} {item.member}" for item in source.items).encode()).hexdigest()
-    return {"name": source.name, "path": source.description["path"], "num_items": len(source.items), "items_sha256": keys}
+    return {
+        "name": source.name,
+        "path": source.description["path"],
+        "num_items": len(source.items),
+        "items_sha256": keys,
+    }
 
 
 def _load_journal(out_dir: Path, expected: dict) -> dict:
@@ -205,17 +230,27 @@ def _load_journal(out_dir: Path, expected: dict) -> dict:
     path = out_dir / JOURNAL_NAME
     if not path.is_file():
         if out_dir.exists() and any(out_dir.iterdir()):
-            raise DataError(f"--out {out_dir}: exists, is not empty and holds no unfinished conversion; choose another --out")
+            raise DataError(
+                f"--out {out_dir}: exists, is not empty and holds no unfinished conversion; choose another --out"
+            )
         return {**expected, "done": {}}
     try:
         journal = json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise DataError(f"{path}: damaged journal of an unfinished conversion; delete --out {out_dir} and convert again") from None
+        raise DataError(
+            f"{path}: damaged journal of an unfinished conversion; delete --out {out_dir} and convert again"
+        ) from None
     for field_name in ("options", "source"):
         if journal.get(field_name) != expected[field_name]:
             theirs, ours = journal.get(field_name, {}), expected[field_name]
-            diff = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
-            raise DataError(f"--out {out_dir}: holds an unfinished conversion with other {field_name} ({diff}); rerun it as it was, or choose another --out")
+            diff = ", ".join(
+                f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}"
+                for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)
+            )
+            raise DataError(
+                f"--out {out_dir}: holds an unfinished conversion with other {field_name} ({diff}); rerun it as it was, or choose another --out"
+            )
     intact = {}
     for name, entry in journal["done"].items():
         if entry["num_samples"] == 0 or ((out_dir / name).is_file() and file_sha256(out_dir / name) == entry["sha256"]):
@@ -235,7 +270,15 @@ class _ShardBeingWritten:
         self.source_digest = hashlib.sha256()
         self.seen = 0
 
-    def add(self, item: SourceItem, image: bytes | None, reason: str | None, sha: str | None, extension: str, sample_source: bool) -> None:
+    def add(
+        self,
+        item: SourceItem,
+        image: bytes | None,
+        reason: str | None,
+        sha: str | None,
+        extension: str,
+        sample_source: bool,
+    ) -> None:
         self.seen += 1
         if sha:
             self.source_digest.update(f"{item.key} {sha}\n".encode())
@@ -263,6 +306,7 @@ class _ShardBeingWritten:
 
 # ---- the conversion -----------------------------------------------------------------------
 
+
 def _ignore_sigint() -> None:
     """Workers leave Ctrl-C to the main process, which stops the pool (one message, not one traceback per worker)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -275,7 +319,13 @@ def _bounded(iterable, semaphore: threading.Semaphore):
         yield value
 
 
-def convert(source: Source, out_dir: str | os.PathLike, options: ConvertOptions, workers: int | None = None, progress: bool = True) -> dict:
+def convert(
+    source: Source,
+    out_dir: str | os.PathLike,
+    options: ConvertOptions,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Convert `source` into shards in `out_dir` (resuming an interrupted run of the same command); returns the manifest."""
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST_NAME).is_file() and not (out_dir / JOURNAL_NAME).is_file():
@@ -283,9 +333,13 @@ def convert(source: Source, out_dir: str | os.PathLike, options: ConvertOptions,
     if source.native_size and source.native_size < options.size and not options.allow_upscale:
         raise DataError(f"--size {options.size}: the source is {source.native_size} px; that would upscale every image")
     if len(source.items) < 2:
-        raise DataError(f"--src {source.description['path']}: found {len(source.items)} image(s); a train/val split needs at least 2")
+        raise DataError(
+            f"--src {source.description['path']}: found {len(source.items)} image(s); a train/val split needs at least 2"
+        )
     splits = assign_splits(source.items, options)
-    journal = _load_journal(out_dir, {"format": JOURNAL_FORMAT, "options": asdict(options), "source": _fingerprint(source)})
+    journal = _load_journal(
+        out_dir, {"format": JOURNAL_FORMAT, "options": asdict(options), "source": _fingerprint(source)}
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     journal.setdefault("shard_size", options.shard_size or estimate_shard_size(source, options))
     plan = Plan.make(source.items, splits, journal["shard_size"])
@@ -319,7 +373,9 @@ def _convert_items(source, todo, plan, journal, out_dir, options, sampled, worke
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
     try:
         results = pool.imap(work, _bounded(tasks(), window), chunksize=2) if pool else map(work, tasks())
-        for item, (image, reason, sha) in zip(todo, tqdm(results, total=len(todo), desc=description, unit="img", disable=not progress)):
+        for item, (image, reason, sha) in zip(
+            todo, tqdm(results, total=len(todo), desc=description, unit="img", disable=not progress)
+        ):
             window.release()
             name = plan.shard_of[item.key]
             shard = open_shards.get(name) or open_shards.setdefault(name, _ShardBeingWritten(out_dir, name))
@@ -339,10 +395,17 @@ def _manifest(source: Source, options: ConvertOptions, plan: Plan, journal: dict
     entries = {split: [done[name] for name in plan.order if name.startswith(split + "-")] for split in SPLITS}
     skipped = [{"file": file, "reason": reason} for file, reason in source.problems]
     skipped += [record for name in plan.order for record in done[name]["skipped"]]
-    shards_out = {split: [{k: e[k] for k in ("file", "num_samples", "bytes", "sha256")} for e in entries[split] if e["num_samples"]] for split in SPLITS}
+    shards_out = {
+        split: [
+            {k: e[k] for k in ("file", "num_samples", "bytes", "sha256")} for e in entries[split] if e["num_samples"]
+        ]
+        for split in SPLITS
+    }
     for split in SPLITS:
         if not shards_out[split]:
-            raise DataError(f"no readable image landed in the {split} split ({len(skipped)} skipped; first: {skipped[0] if skipped else '-'})")
+            raise DataError(
+                f"no readable image landed in the {split} split ({len(skipped)} skipped; first: {skipped[0] if skipped else '-'})"
+            )
     source_digest = hashlib.sha256("".join(done[name]["source_digest"] for name in plan.order).encode()).hexdigest()
     manifest = {
         "name": source.name,
@@ -350,11 +413,23 @@ def _manifest(source: Source, options: ConvertOptions, plan: Plan, journal: dict
         "image_size": options.size,
         "image_format": options.image_format,
         "num_samples": sum(e["num_samples"] for split in SPLITS for e in shards_out[split]),
-        "splits": {split: {"num_samples": sum(e["num_samples"] for e in shards_out[split]), "shards": shards_out[split]} for split in SPLITS},
-        "conversion": {**asdict(options), "quality": options.resolved_quality, "shard_size": plan.shard_size,
-                       "resize": "centre crop to square, PIL Lanczos (antialiased)", "split_counts_planned": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS}},
-        "source": {**source.description, "num_items": len(source.items), "sha256_of_files": source_digest,
-                   "sampled_files": [record for name in plan.order for record in done[name]["sampled_sources"]]},
+        "splits": {
+            split: {"num_samples": sum(e["num_samples"] for e in shards_out[split]), "shards": shards_out[split]}
+            for split in SPLITS
+        },
+        "conversion": {
+            **asdict(options),
+            "quality": options.resolved_quality,
+            "shard_size": plan.shard_size,
+            "resize": "centre crop to square, PIL Lanczos (antialiased)",
+            "split_counts_planned": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
+        },
+        "source": {
+            **source.description,
+            "num_items": len(source.items),
+            "sha256_of_files": source_digest,
+            "sampled_files": [record for name in plan.order for record in done[name]["sampled_sources"]],
+        },
         "num_skipped": len(skipped),
         "skipped": skipped,
     }
@@ -367,10 +442,16 @@ def _already_converted(out_dir: Path, source: Source, options: ConvertOptions) -
     manifest = read_manifest(out_dir)
     conversion = {k: v for k, v in manifest.get("conversion", {}).items() if k in asdict(options)}
     if conversion != {**asdict(options), "quality": options.resolved_quality} and conversion != asdict(options):
-        raise DataError(f"--out {out_dir}: already holds a finished conversion with other options; choose another --out")
+        raise DataError(
+            f"--out {out_dir}: already holds a finished conversion with other options; choose another --out"
+        )
     if manifest.get("source", {}).get("path") != source.description["path"]:
-        raise DataError(f"--out {out_dir}: already holds a conversion of {manifest.get('source', {}).get('path')}; choose another --out")
+        raise DataError(
+            f"--out {out_dir}: already holds a conversion of {manifest.get('source', {}).get('path')}; choose another --out"
+        )
     problems = verify_shards(out_dir)
     if problems:
-        raise DataError(f"--out {out_dir}: finished earlier but {len(problems)} shard(s) fail verification ({problems[0]}); delete the folder and convert again")
+        raise DataError(
+            f"--out {out_dir}: finished earlier but {len(problems)} shard(s) fail verification ({problems[0]}); delete the folder and convert again"
+        )
     return manifest

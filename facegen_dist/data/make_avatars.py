@@ -54,14 +54,19 @@ def make_avatar_dataset(
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    writers = {"train": ShardWriter(tmp_dir, "train", samples_per_shard), "val": ShardWriter(tmp_dir, "val", samples_per_shard)}
+    writers = {
+        "train": ShardWriter(tmp_dir, "train", samples_per_shard),
+        "val": ShardWriter(tmp_dir, "val", samples_per_shard),
+    }
     workers = workers or os.cpu_count() or 1
     render = partial(_render, seed=seed, size=size)
     try:
         # imap keeps index order, so the tars do not depend on which worker was fastest.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.imap(render, range(num), chunksize=32)
-            for index, png, attributes in tqdm(results, total=num, desc=f"rendering {num} avatars at {size}px", unit="img", disable=not progress):
+            for index, png, attributes in tqdm(
+                results, total=num, desc=f"rendering {num} avatars at {size}px", unit="img", disable=not progress
+            ):
                 split = "train" if index < num_train else "val"
                 writers[split].write(f"{index:08d}", {"png": png, "json": attributes})
         for writer in writers.values():
@@ -73,7 +78,10 @@ def make_avatar_dataset(
             "image_size": size,
             "image_format": "png",
             "num_samples": num,
-            "splits": {split: {"num_samples": sum(s["num_samples"] for s in w.shards), "shards": w.shards} for split, w in writers.items()},
+            "splits": {
+                split: {"num_samples": sum(s["num_samples"] for s in w.shards), "shards": w.shards}
+                for split, w in writers.items()
+            },
             "attributes": attribute_vocabulary(),
         }
         write_manifest(tmp_dir, manifest)
@@ -87,7 +95,9 @@ def make_avatar_dataset(
     return manifest
 
 
-def ensure_embedded_avatars(cache_dir: str | os.PathLike, num: int, size: int, seed: int, progress: bool = True) -> Path:
+def ensure_embedded_avatars(
+    cache_dir: str | os.PathLike, num: int, size: int, seed: int, progress: bool = True
+) -> Path:
     """The cached embedded set for (num, size, seed), rendered if it is not there yet."""
     path = Path(cache_dir) / f"avatars-{size}px-{num}-seed{seed}"
     if (path / MANIFEST_NAME).is_file():

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from facegen_dist.data.shards import ShardInfo, image_extension, iter_shard_samples, read_shard, ShardReadError
+from facegen_dist.data.shards import ShardInfo, ShardReadError, image_extension, iter_shard_samples, read_shard
 from facegen_dist.errors import DataError
 
 
@@ -86,9 +86,17 @@ def decode_image(payload: bytes, resolution: int) -> np.ndarray:
 class ShardSchedule:
     """Which shards slot `slot` of `num_slots` reads, group by group."""
 
-    def __init__(self, shard_counts: list[int], seed: int, slot: int, num_slots: int, shuffle_group: int, offset: int = 0):
+    def __init__(
+        self, shard_counts: list[int], seed: int, slot: int, num_slots: int, shuffle_group: int, offset: int = 0
+    ):
         self.shard_counts = shard_counts
-        self.seed, self.slot, self.num_slots, self.shuffle_group, self.offset = seed, slot, num_slots, shuffle_group, offset
+        self.seed, self.slot, self.num_slots, self.shuffle_group, self.offset = (
+            seed,
+            slot,
+            num_slots,
+            shuffle_group,
+            offset,
+        )
 
     @lru_cache(maxsize=8)
     def _pass_order(self, pass_index: int) -> np.ndarray:
@@ -123,8 +131,11 @@ class ShardSchedule:
 def slot_positions(spec: StreamSpec) -> list[tuple[int, int]]:
     """(slot, samples it has delivered) for every slot of `spec`'s layout after each rank consumed `spec.start_batch` batches."""
     workers = max(1, spec.num_workers)
-    return [(rank * workers + logical, _batches_done(spec.start_batch, logical, workers) * spec.batch_size)
-            for rank in range(spec.world_size) for logical in range(workers)]
+    return [
+        (rank * workers + logical, _batches_done(spec.start_batch, logical, workers) * spec.batch_size)
+        for rank in range(spec.world_size)
+        for logical in range(workers)
+    ]
 
 
 def _batches_done(start_batch: int, logical: int, workers: int) -> int:
@@ -149,7 +160,9 @@ def continue_after(old: StreamSpec) -> tuple[int, int]:
         if last_begun >= 0:
             begun_until = max(begun_until, schedule.sequence_indices(last_begun)[-1] + 1)
         delivered += position
-    spanned = sum(counts[ShardSchedule(counts, old.seed, 0, 1, 1)._shard_at(i)] for i in range(old.sequence_offset, begun_until))
+    spanned = sum(
+        counts[ShardSchedule(counts, old.seed, 0, 1, 1)._shard_at(i)] for i in range(old.sequence_offset, begun_until)
+    )
     return begun_until, spanned - delivered
 
 
@@ -191,7 +204,9 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         spec = self.spec
         slot, num_slots, position = self._worker_plan()
-        schedule = ShardSchedule([s.num_samples for s in spec.shards], spec.seed, slot, num_slots, spec.shuffle_group, spec.sequence_offset)
+        schedule = ShardSchedule(
+            [s.num_samples for s in spec.shards], spec.seed, slot, num_slots, spec.shuffle_group, spec.sequence_offset
+        )
         samples = self._samples(schedule, slot, position)
         while True:
             images, labels, bad = [], [], 0
@@ -201,9 +216,18 @@ class ShardStream(IterableDataset):
                 labels.append(label)
                 bad += replaced
             if spec.code_levels:
-                batch = {"codes": {level: torch.from_numpy(np.stack([item[level] for item in images])) for level in spec.code_levels}, "bad_samples": bad}
+                batch = {
+                    "codes": {
+                        level: torch.from_numpy(np.stack([item[level] for item in images]))
+                        for level in spec.code_levels
+                    },
+                    "bad_samples": bad,
+                }
             else:
-                batch = {"image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), "bad_samples": bad}
+                batch = {
+                    "image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+                    "bad_samples": bad,
+                }
             if spec.attributes:
                 batch["labels"] = torch.from_numpy(np.stack(labels))
             yield batch
@@ -215,10 +239,17 @@ class ShardStream(IterableDataset):
             samples, problem = read_shard(shard.path)
             if problem or len(samples) != shard.num_samples:
                 # Positions come from the manifest's counts: a shorter shard's missing samples are replaced, a longer one's extra unread.
-                effect = (f"{shard.num_samples - len(samples)} images of this pass replaced by others" if len(samples) < shard.num_samples
-                          else f"{len(samples) - shard.num_samples} images never read")
-                print(f"facegen: warning: {problem or shard.path}: {len(samples)} samples read, the manifest says {shard.num_samples}: "
-                      f"{effect}; run `facegen data verify`", file=sys.stderr, flush=True)
+                effect = (
+                    f"{shard.num_samples - len(samples)} images of this pass replaced by others"
+                    if len(samples) < shard.num_samples
+                    else f"{len(samples) - shard.num_samples} images never read"
+                )
+                print(
+                    f"facegen: warning: {problem or shard.path}: {len(samples)} samples read, the manifest says {shard.num_samples}: "
+                    f"{effect}; run `facegen data verify`",
+                    file=sys.stderr,
+                    flush=True,
+                )
             loaded.append(samples)
         return loaded
 
@@ -238,7 +269,11 @@ class ShardStream(IterableDataset):
             if image is None:
                 self._report_bad(sample, "no image in the sample")
                 return None
-            labels = attribute_labels(json.loads(sample["json"]) if "json" in sample else {}, self.spec.attributes) if self.spec.attributes else None
+            labels = (
+                attribute_labels(json.loads(sample["json"]) if "json" in sample else {}, self.spec.attributes)
+                if self.spec.attributes
+                else None
+            )
         except Exception as error:  # noqa: BLE001 — PIL raises many types for damaged images, json for damaged labels
             self._report_bad(sample, f"{type(error).__name__}: {str(error)[:120]}")
             return None
@@ -250,8 +285,11 @@ class ShardStream(IterableDataset):
         reported = self.__dict__.setdefault("_reported", set())
         if key not in reported:
             reported.add(key)
-            print(f"facegen: warning: bad sample {key[1]} in {key[0]} ({reason}); replaced by another sample of its shuffle block",
-                  file=sys.stderr, flush=True)
+            print(
+                f"facegen: warning: bad sample {key[1]} in {key[0]} ({reason}); replaced by another sample of its shuffle block",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _samples(self, schedule: ShardSchedule, slot: int, position: int):
         """Yields (HWC uint8 image or codes, labels or None, 1 if it stands in for a bad sample else 0), endlessly."""
@@ -273,11 +311,17 @@ class ShardStream(IterableDataset):
                 decoded, replaced = at(index), 0
                 if decoded is None:
                     replaced = 1
-                    decoded = next((d for k in range(1, len(nominal)) if (d := at((index + k) % len(nominal))) is not None), None)
+                    decoded = next(
+                        (d for k in range(1, len(nominal)) if (d := at((index + k) % len(nominal))) is not None), None
+                    )
                     if decoded is None:
-                        raise DataError(f"no readable sample in shards {[spec.shards[s].path for s in schedule.group(group_index)]}")
+                        raise DataError(
+                            f"no readable sample in shards {[spec.shards[s].path for s in schedule.group(group_index)]}"
+                        )
                 image, labels = decoded
-                if spec.hflip and flips[index] and not spec.code_levels:  # a flipped code grid is not the flipped image's
+                if (
+                    spec.hflip and flips[index] and not spec.code_levels
+                ):  # a flipped code grid is not the flipped image's
                     image = image[:, ::-1]
                 yield image, labels, replaced
             group_index, offset = group_index + 1, 0
@@ -335,7 +379,10 @@ def read_images(shards: list[ShardInfo], num: int, resolution: int) -> tuple[tor
                 try:
                     attributes.append(json.loads(sample["json"]) if "json" in sample else {})
                 except (ValueError, UnicodeDecodeError):
-                    print(f"facegen: warning: {shard.path}: sample {sample['__key__']} has unreadable JSON attributes; read as none", file=sys.stderr)
+                    print(
+                        f"facegen: warning: {shard.path}: sample {sample['__key__']} has unreadable JSON attributes; read as none",
+                        file=sys.stderr,
+                    )
                     attributes.append({})
                 if len(images) == num:
                     break
@@ -366,7 +413,9 @@ def iter_split_chunks(shards: list[ShardInfo], num: int, batch_size: int, chunks
                 try:
                     pending.append(decode_image(sample[extension], resolution))
                 except Exception as error:  # noqa: BLE001
-                    raise DataError(f"{shard.path}: sample {sample['__key__']} is not a readable image ({error}); run `facegen data verify`") from None
+                    raise DataError(
+                        f"{shard.path}: sample {sample['__key__']} is not a readable image ({error}); run `facegen data verify`"
+                    ) from None
             index += 1
             last_of_chunk = index % batch_size == 0 or index == num
             if last_of_chunk and chunk in wanted:

@@ -13,4 +13,10 @@ def resolve_data_dir(data_cfg, accelerator) -> Path:
         return Path(data_cfg.path)
     # Each node's first process renders the set if its cache lacks it; the others wait.
     with accelerator.local_main_process_first():
-        return ensure_embedded_avatars(data_cfg.cache_dir, data_cfg.make_num, data_cfg.make_size, data_cfg.make_seed, progress=accelerator.is_local_main_process)
+        return ensure_embedded_avatars(
+            data_cfg.cache_dir,
+            data_cfg.make_num,
+            data_cfg.make_size,
+            data_cfg.make_seed,
+            progress=accelerator.is_local_main_process,
+        )

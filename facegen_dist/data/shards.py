@@ -17,9 +17,9 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -108,14 +108,18 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
 
 def splits_summary(manifest: dict) -> str:
     """`train 27 in 3 shards, val 3 in 1 shards`: what a command that wrote shards reports."""
-    return ", ".join(f"{name} {info['num_samples']} in {len(info['shards'])} shards" for name, info in manifest["splits"].items())
+    return ", ".join(
+        f"{name} {info['num_samples']} in {len(info['shards'])} shards" for name, info in manifest["splits"].items()
+    )
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict:
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
         if (Path(shard_dir) / JOURNAL_NAME).is_file():
-            raise DataError(f"{shard_dir}: an unfinished conversion (no {MANIFEST_NAME} yet); run the same `facegen data` command again to finish it")
+            raise DataError(
+                f"{shard_dir}: an unfinished conversion (no {MANIFEST_NAME} yet); run the same `facegen data` command again to finish it"
+            )
         raise DataError(f"{shard_dir}: no {MANIFEST_NAME}; make shards with `facegen data avatars --out DIR`")
     try:
         manifest = json.loads(path.read_text())
@@ -137,7 +141,9 @@ def split_shards(shard_dir: str | os.PathLike, split: str) -> list[ShardInfo]:
         count = entry.get("num_samples")
         if not isinstance(count, int) or count <= 0:
             # The stream locates positions by these counts: a zero would make it search forever.
-            raise DataError(f"{shard_dir}: manifest gives {entry.get('file')} a sample count of {count!r}; run `facegen data verify {shard_dir}`")
+            raise DataError(
+                f"{shard_dir}: manifest gives {entry.get('file')} a sample count of {count!r}; run `facegen data verify {shard_dir}`"
+            )
         shards.append(ShardInfo(str(root / entry["file"]), count))
     return shards
 

@@ -14,9 +14,9 @@ import json
 import re
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
 
 from facegen_dist.errors import DataError
 
@@ -192,10 +192,14 @@ def ffhq_source(src: str | Path, size: int) -> Source:
         raise DataError(f"--src {src}: no such file or folder")
     candidates = _ffhq_candidates(src)
     if not candidates:
-        raise DataError(f"--src {src}: no FFHQ here (expected images1024x1024/ or thumbnails128x128/, a folder of them or their .zip)")
+        raise DataError(
+            f"--src {src}: no FFHQ here (expected images1024x1024/ or thumbnails128x128/, a folder of them or their .zip)"
+        )
     layout = "thumbnails128x128" if size <= 128 and "thumbnails128x128" in candidates else "images1024x1024"
     if layout not in candidates:
-        raise DataError(f"--src {src}: only thumbnails128x128 found, which cannot make {size} px images without upscaling; add images1024x1024")
+        raise DataError(
+            f"--src {src}: only thumbnails128x128 found, which cannot make {size} px images without upscaling; add images1024x1024"
+        )
     archive = Archive(candidates[layout])
     names, _ = archive.scan()
     metadata, metadata_path = _ffhq_metadata(src)
@@ -215,14 +219,29 @@ def ffhq_source(src: str | Path, size: int) -> Source:
         for key in ("category", "metadata"):
             if key in entry:
                 info[key] = entry[key]
-        items.append(SourceItem(key=f"{index:05d}", member=name, info=info, expected_md5=entry.get(json_field, {}).get("file_md5"), category=entry.get("category")))
+        items.append(
+            SourceItem(
+                key=f"{index:05d}",
+                member=name,
+                info=info,
+                expected_md5=entry.get(json_field, {}).get("file_md5"),
+                category=entry.get("category"),
+            )
+        )
     if not items:
         raise DataError(f"--src {src}: {archive.path} holds no FFHQ images (NNNNN.png); {ignored} other file(s)")
-    description = {"kind": archive.kind, "path": str(archive.path.resolve()), "layout": layout, "metadata": str(metadata_path.resolve()) if metadata_path else None, "ignored_files": ignored}
+    description = {
+        "kind": archive.kind,
+        "path": str(archive.path.resolve()),
+        "layout": layout,
+        "metadata": str(metadata_path.resolve()) if metadata_path else None,
+        "ignored_files": ignored,
+    }
     return Source("ffhq", archive, items, description, native_size=FFHQ_LAYOUTS[layout])
 
 
 # ---- Google Cartoon Set -------------------------------------------------------------------
+
 
 def parse_cartoon_csv(payload: bytes) -> tuple[dict[str, int], dict[str, int]]:
     """A Cartoon Set CSV (`"eye_angle", 1, 3` per line) -> ({attribute: value}, {attribute: number of values})."""
@@ -268,9 +287,18 @@ def cartoonset_source(src: str | Path) -> Source:
             vocabulary[attribute] = max(vocabulary.get(attribute, 0), count)
         items.append(SourceItem(key=key, member=name, info=values))
     if not items:
-        raise DataError(f"--src {src}: no Cartoon Set images here (csNNN.png with csNNN.csv); found {len(names)} file(s)")
+        raise DataError(
+            f"--src {src}: no Cartoon Set images here (csNNN.png with csNNN.csv); found {len(names)} file(s)"
+        )
     description = {"kind": archive.kind, "path": str(archive.path.resolve()), "layout": "png+csv"}
-    return Source("cartoonset", archive, items, description, problems, attributes={name: list(range(count)) for name, count in sorted(vocabulary.items())})
+    return Source(
+        "cartoonset",
+        archive,
+        items,
+        description,
+        problems,
+        attributes={name: list(range(count)) for name, count in sorted(vocabulary.items())},
+    )
 
 
 # ---- any folder of images -----------------------------------------------------------------
@@ -302,5 +330,9 @@ def folder_source(src: str | Path) -> Source:
         items.append(SourceItem(key=key, member=name))
     if not items:
         raise DataError(f"--src {src}: no images here ({', '.join(IMAGE_SUFFIXES)}); found {len(names)} other file(s)")
-    description = {"kind": archive.kind, "path": str(archive.path.resolve()), "ignored_files": len(names) - len(items) - len(problems)}
+    description = {
+        "kind": archive.kind,
+        "path": str(archive.path.resolve()),
+        "ignored_files": len(names) - len(items) - len(problems),
+    }
     return Source(Path(src).name.split(".")[0] or "folder", archive, items, description, problems)

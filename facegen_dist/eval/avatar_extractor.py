@@ -36,16 +36,24 @@ def load_attribute_net(weights: str | Path | None = None) -> tuple[AttributeNet,
     weights = Path(weights) if weights else DEFAULT_WEIGHTS
     manifest_file = manifest_path(weights)
     if not weights.is_file() or not manifest_file.is_file():
-        raise FacegenError(f"avatar extractor: missing {weights if not weights.is_file() else manifest_file}; train one with `facegen extractor train`")
+        raise FacegenError(
+            f"avatar extractor: missing {weights if not weights.is_file() else manifest_file}; train one with `facegen extractor train`"
+        )
     try:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as error:
         raise FacegenError(f"avatar extractor: {manifest_file} is not valid JSON ({error})") from None
     digest = file_sha256(weights)
     if digest != manifest.get("sha256"):
-        raise FacegenError(f"avatar extractor: {weights} has sha256 {digest[:12]}..., its manifest says {str(manifest.get('sha256'))[:12]}... (corrupt or replaced file)")
+        raise FacegenError(
+            f"avatar extractor: {weights} has sha256 {digest[:12]}..., its manifest says {str(manifest.get('sha256'))[:12]}... (corrupt or replaced file)"
+        )
     architecture = manifest["architecture"]
-    net = AttributeNet({name: len(values) for name, values in architecture["heads"].items()}, tuple(architecture["channels"]), architecture["input_size"])
+    net = AttributeNet(
+        {name: len(values) for name, values in architecture["heads"].items()},
+        tuple(architecture["channels"]),
+        architecture["input_size"],
+    )
     try:
         net.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError, OSError) as error:

@@ -16,12 +16,22 @@ from facegen_dist.train.restore import restore_run
 
 
 def eval_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="facegen eval", description="FID/KID/precision-recall/rFID/PSNR/SSIM of a trained run, with its protocol.")
+    parser = argparse.ArgumentParser(
+        prog="facegen eval", description="FID/KID/precision-recall/rFID/PSNR/SSIM of a trained run, with its protocol."
+    )
     parser.add_argument("--run", required=True, help="run folder, e.g. runs/vae_avatars64")
-    parser.add_argument("--metrics", default=None, help="comma list from fid,kid,prc,isc,rfid,psnr,ssim,sharpness (default: eval.metrics of the run)")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="comma list from fid,kid,prc,isc,rfid,psnr,ssim,sharpness (default: eval.metrics of the run)",
+    )
     parser.add_argument("--num", type=int, default=None, help="generated samples (default: eval.num_samples)")
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
-    parser.add_argument("--extractor", default=None, help="inception-v3-compat | avatar | auto | a registered name (default: eval.extractor)")
+    parser.add_argument(
+        "--extractor",
+        default=None,
+        help="inception-v3-compat | avatar | auto | a registered name (default: eval.extractor)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.inception_weights=/path/weights.pth")
     args = parser.parse_args(argv)
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))])
@@ -33,12 +43,33 @@ def eval_main(argv: list[str]) -> int:
         num = args.num or cfg.eval.num_samples
         data_dir = image_dir(resolve_data_dir(cfg.data, accelerator))  # a prior trained on code shards: their images
         needs = [m for m in metrics if m in FEATURE_METRICS]
-        extractor = build_extractor(cfg.eval, needs, accelerator.device, read_manifest(data_dir).get("name")) if needs else None
-        context = {"run": cfg.run.name, "checkpoint": restored.checkpoint.name, "images_seen": restored.images_seen, "ema": restored.ema}
-        record = evaluate(accelerator, restored.method, restored.modules, data_dir, cfg.eval, cfg.data.resolution, extractor, metrics, num, context, restored.run_dir / "eval")
+        extractor = (
+            build_extractor(cfg.eval, needs, accelerator.device, read_manifest(data_dir).get("name")) if needs else None
+        )
+        context = {
+            "run": cfg.run.name,
+            "checkpoint": restored.checkpoint.name,
+            "images_seen": restored.images_seen,
+            "ema": restored.ema,
+        }
+        record = evaluate(
+            accelerator,
+            restored.method,
+            restored.modules,
+            data_dir,
+            cfg.eval,
+            cfg.data.resolution,
+            extractor,
+            metrics,
+            num,
+            context,
+            restored.run_dir / "eval",
+        )
         if accelerator.is_main_process:
             protocol = record["protocol"]
-            print(f"{cfg.run.name} @ {restored.images_seen} images ({'EMA' if restored.ema else 'raw'}), {protocol['num_generated']} samples vs {protocol['num_reference']} {cfg.eval.split} images, extractor {protocol.get('extractor', {}).get('name', '-')}:")
+            print(
+                f"{cfg.run.name} @ {restored.images_seen} images ({'EMA' if restored.ema else 'raw'}), {protocol['num_generated']} samples vs {protocol['num_reference']} {cfg.eval.split} images, extractor {protocol.get('extractor', {}).get('name', '-')}:"
+            )
             for name, value in record["metrics"].items():
                 print(f"  {name:>18} {value:.6g}")
             print(f"written to {restored.run_dir / 'eval'}")

@@ -15,7 +15,15 @@ from facegen_dist.data.shards import split_shards
 from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.eval.extractors import Extractor
 from facegen_dist.eval.features import distributed_features, to_uint8
-from facegen_dist.eval.metrics import METRICS, compute_feature_metric, laplacian_energy, psnr, sharpness, ssim, value_names
+from facegen_dist.eval.metrics import (
+    METRICS,
+    compute_feature_metric,
+    laplacian_energy,
+    psnr,
+    sharpness,
+    ssim,
+    value_names,
+)
 from facegen_dist.eval.reference import reference_features, split_chunk_reader
 
 FEATURE_METRICS = ("fid", "kid", "prc", "isc", "rfid")
@@ -34,7 +42,19 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return (seed * 1_000_003 + chunk) % (2**63)
 
 
-def evaluate(accelerator, method, modules: dict, data_dir: Path, eval_cfg, resolution: int, extractor: Extractor | None, metrics: list[str], num: int, context: dict, out_dir: Path | None) -> dict:
+def evaluate(
+    accelerator,
+    method,
+    modules: dict,
+    data_dir: Path,
+    eval_cfg,
+    resolution: int,
+    extractor: Extractor | None,
+    metrics: list[str],
+    num: int,
+    context: dict,
+    out_dir: Path | None,
+) -> dict:
     """Compute `metrics` for the model in `modules` (eval mode); returns {"metrics": ..., "protocol": ...}.
 
     Every rank must call this. The record is written (main process) to out_dir/<images>-<extractor>-<N>.json.
@@ -50,31 +70,54 @@ def evaluate(accelerator, method, modules: dict, data_dir: Path, eval_cfg, resol
     batch = min(batch, max(1, math.ceil(num_reference / accelerator.num_processes)))
     values: dict[str, float] = {}
     protocol = {
-        "metrics": metrics, "num_generated": num, "num_reference": num_reference, "batch_size": batch,
-        "seed": eval_cfg.seed, "seeding": "chunk c of batch_size samples uses torch.Generator(seed*1000003 + c)",
-        "model": {**context}, "sampling": method.sampling_protocol(), "world_size": accelerator.num_processes,
-        "resolution": resolution, "facegen_version": __version__,
+        "metrics": metrics,
+        "num_generated": num,
+        "num_reference": num_reference,
+        "batch_size": batch,
+        "seed": eval_cfg.seed,
+        "seeding": "chunk c of batch_size samples uses torch.Generator(seed*1000003 + c)",
+        "model": {**context},
+        "sampling": method.sampling_protocol(),
+        "world_size": accelerator.num_processes,
+        "resolution": resolution,
+        "facegen_version": __version__,
     }
     reference, reference_stats = None, None
     if any(m in ("fid", "kid", "prc", "rfid") for m in metrics):
         reference, reference_stats, protocol["reference"] = reference_features(
-            accelerator, data_dir, eval_cfg.split, resolution, extractor, num_reference, batch, Path(eval_cfg.cache_dir))
+            accelerator, data_dir, eval_cfg.split, resolution, extractor, num_reference, batch, Path(eval_cfg.cache_dir)
+        )
     if extractor is not None:
-        protocol["extractor"] = {"name": extractor.name, "weights_sha256": extractor.weights_sha256, "layers": extractor.layers}
+        protocol["extractor"] = {
+            "name": extractor.name,
+            "weights_sha256": extractor.weights_sha256,
+            "layers": extractor.layers,
+        }
 
     sample_metrics = [m for m in metrics if METRICS[m].needs == "samples"]
     if sample_metrics:
+
         def make_samples(chunk, start, end):
             with torch.no_grad(), accelerator.autocast():
-                images = method.sample(modules, end - start, torch.Generator().manual_seed(chunk_seed(eval_cfg.seed, chunk)))
+                images = method.sample(
+                    modules, end - start, torch.Generator().manual_seed(chunk_seed(eval_cfg.seed, chunk))
+                )
             if images is None:
-                raise FacegenError(f"eval: {type(method).__name__} cannot generate samples, so {sample_metrics} cannot be computed")
+                raise FacegenError(
+                    f"eval: {type(method).__name__} cannot generate samples, so {sample_metrics} cannot be computed"
+                )
             return {"images": to_uint8(images)}
 
         generated = distributed_features(accelerator, num, batch, make_samples, extractor, "generating + features")
         for metric in sample_metrics:
             layer = extractor.layers[metric]
-            result = compute_feature_metric(metric, generated[f"feat/{layer}"], reference.get(layer) if reference else None, reference_stats, eval_cfg.seed)
+            result = compute_feature_metric(
+                metric,
+                generated[f"feat/{layer}"],
+                reference.get(layer) if reference else None,
+                reference_stats,
+                eval_cfg.seed,
+            )
             values.update({value_names(metric, extractor.name)[k]: float(v) for k, v in result.items()})
 
     recon_metrics = [m for m in metrics if METRICS[m].needs == "reconstructions"]
@@ -86,14 +129,30 @@ def evaluate(accelerator, method, modules: dict, data_dir: Path, eval_cfg, resol
             with torch.no_grad(), accelerator.autocast():
                 output = method.reconstruct(modules, inputs)
             if output is None:
-                raise FacegenError(f"eval: {type(method).__name__} does not reconstruct, so {recon_metrics} cannot be computed")
+                raise FacegenError(
+                    f"eval: {type(method).__name__} does not reconstruct, so {recon_metrics} cannot be computed"
+                )
             output = output.float().clamp(0, 1)
-            return {"images": to_uint8(output), "psnr": psnr(output, inputs), "ssim": ssim(output, inputs),
-                    "energy_reconstructed": laplacian_energy(output), "energy_input": laplacian_energy(inputs)}
+            return {
+                "images": to_uint8(output),
+                "psnr": psnr(output, inputs),
+                "ssim": ssim(output, inputs),
+                "energy_reconstructed": laplacian_energy(output),
+                "energy_input": laplacian_energy(inputs),
+            }
 
-        recon = distributed_features(accelerator, num_reference, batch, make_reconstructions, extractor if "rfid" in recon_metrics else None, "reconstructing")
+        recon = distributed_features(
+            accelerator,
+            num_reference,
+            batch,
+            make_reconstructions,
+            extractor if "rfid" in recon_metrics else None,
+            "reconstructing",
+        )
         if "rfid" in recon_metrics:
-            result = compute_feature_metric("rfid", recon[f"feat/{extractor.layers['rfid']}"], None, reference_stats, eval_cfg.seed)
+            result = compute_feature_metric(
+                "rfid", recon[f"feat/{extractor.layers['rfid']}"], None, reference_stats, eval_cfg.seed
+            )
             values.update({value_names("rfid", extractor.name)[k]: float(v) for k, v in result.items()})
         for metric in ("psnr", "ssim"):
             if metric in recon_metrics:

@@ -24,7 +24,9 @@ from facegen_dist.eval import avatar_extractor  # noqa: F401 — registers avata
 
 INCEPTION = "inception-v3-compat"
 # torch-fidelity's release asset (utils/util_convert_inception_weights.py of torch-fidelity made it).
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
 
 # Which torch-fidelity metric's default layer each of our metrics uses.
@@ -107,7 +109,9 @@ def build_extractor(eval_cfg, metrics: list[str], device: torch.device, dataset_
     load_plugins(list(eval_cfg.plugins))
     name = resolve_extractor_name(eval_cfg, dataset_name)
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ConfigError(f"eval.extractor: '{name}' is not registered; known: {sorted(FEATURE_EXTRACTORS_REGISTRY)} (add a module to eval.plugins to register more)")
+        raise ConfigError(
+            f"eval.extractor: '{name}' is not registered; known: {sorted(FEATURE_EXTRACTORS_REGISTRY)} (add a module to eval.plugins to register more)"
+        )
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
     layers = {}
     for metric in metrics:

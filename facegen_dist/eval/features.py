@@ -10,7 +10,7 @@ to every rank and put back in image order.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -66,7 +66,9 @@ def distributed_features(
     and optionally per-image float rows (e.g. `psnr`), gathered as they are.
     """
     if math.ceil(num / batch_size) < accelerator.num_processes:  # same verdict on every rank: no hang
-        raise FacegenError(f"{description}: {num} samples in batches of {batch_size} give fewer batches than the {accelerator.num_processes} processes; use a smaller batch size (eval.batch_size, or --batch-size)")
+        raise FacegenError(
+            f"{description}: {num} samples in batches of {batch_size} give fewer batches than the {accelerator.num_processes} processes; use a smaller batch size (eval.batch_size, or --batch-size)"
+        )
     chunks = my_chunks(num, batch_size, accelerator.process_index, accelerator.num_processes)
     bounds = chunk_bounds(num, batch_size)
     collected: dict[str, list[torch.Tensor]] = {}
@@ -77,7 +79,9 @@ def distributed_features(
         produced = make_chunk(chunk, start, end)
         rows = {key: value.detach().float().cpu() for key, value in produced.items() if key != "images"}
         if extractor is not None and "images" in produced:
-            rows.update({f"feat/{name}": value for name, value in extractor(produced["images"].to(accelerator.device)).items()})
+            rows.update(
+                {f"feat/{name}": value for name, value in extractor(produced["images"].to(accelerator.device)).items()}
+            )
         for key, value in rows.items():
             collected.setdefault(key, []).append(value.reshape(end - start, -1))
         indices.append(torch.arange(start, end))

@@ -36,7 +36,11 @@ METRICS = {
     "rfid": MetricSpec("rfid", "reconstructions", "Frechet distance of reconstructions vs their inputs"),
     "psnr": MetricSpec("psnr", "reconstructions", "PSNR of reconstructions (dB, pixels in [0, 1])"),
     "ssim": MetricSpec("ssim", "reconstructions", "SSIM of reconstructions (11x11 Gaussian window)"),
-    "sharpness": MetricSpec("sharpness", "reconstructions", "fine detail of reconstructions relative to their inputs (Laplacian energy; 1 = as much as the data)"),
+    "sharpness": MetricSpec(
+        "sharpness",
+        "reconstructions",
+        "fine detail of reconstructions relative to their inputs (Laplacian energy; 1 = as much as the data)",
+    ),
 }
 
 
@@ -58,15 +62,30 @@ def feature_statistics(features: torch.Tensor) -> dict:
     return fid_features_to_statistics(features.double())
 
 
-def compute_feature_metric(metric: str, generated: torch.Tensor, reference: torch.Tensor | None, reference_stats: dict | None, seed: int) -> dict[str, float]:
+def compute_feature_metric(
+    metric: str, generated: torch.Tensor, reference: torch.Tensor | None, reference_stats: dict | None, seed: int
+) -> dict[str, float]:
     """torch-fidelity's result dict for one feature metric (generated first, real second, as it expects)."""
     if metric in ("fid", "rfid"):
         return fid_statistics_to_metric(feature_statistics(generated), reference_stats, verbose=False)
     if metric == "kid":
         subset = min(1000, generated.shape[0], reference.shape[0])
-        return kid_features_to_metric(generated, reference, kid_subsets=100, kid_subset_size=subset, kid_degree=3, kid_gamma=None, kid_coef0=1, kid_kernel="poly", rng_seed=seed, verbose=False)
+        return kid_features_to_metric(
+            generated,
+            reference,
+            kid_subsets=100,
+            kid_subset_size=subset,
+            kid_degree=3,
+            kid_gamma=None,
+            kid_coef0=1,
+            kid_kernel="poly",
+            rng_seed=seed,
+            verbose=False,
+        )
     if metric == "prc":
-        return prc_features_to_metric(generated, reference, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+        return prc_features_to_metric(
+            generated, reference, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False
+        )
     if metric == "isc":
         return isc_features_to_metric(generated, splits=10, shuffle=True, rng_seed=seed)
     raise KeyError(metric)
@@ -85,7 +104,9 @@ def laplacian_energy(images: torch.Tensor) -> torch.Tensor:
     would make a per-image ratio explode). A blurred reconstruction scores below 1; noise or
     adversarial artefacts push it up as well, so read it beside PSNR/SSIM and the grids, never alone.
     """
-    luma = (images.float() * torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    luma = (images.float() * torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)).sum(
+        1, keepdim=True
+    )
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=images.device).view(1, 1, 3, 3)
     return F.conv2d(luma, kernel).pow(2).flatten(1).mean(1)  # 'valid': no border response
 

@@ -23,8 +23,12 @@ def reference_key(data_dir: Path, split: str, resolution: int, extractor: Extrac
     manifest_sha = file_digest(Path(data_dir) / MANIFEST_NAME)
     identity = f"{manifest_sha}|{split}|{resolution}|{extractor.name}|{extractor.weights_sha256}|{num}"
     return {
-        "dataset_manifest_sha256": manifest_sha, "split": split, "resolution": resolution, "num_images": num,
-        "extractor": extractor.name, "extractor_weights_sha256": extractor.weights_sha256,
+        "dataset_manifest_sha256": manifest_sha,
+        "split": split,
+        "resolution": resolution,
+        "num_images": num,
+        "extractor": extractor.name,
+        "extractor_weights_sha256": extractor.weights_sha256,
         "key": hashlib.sha256(identity.encode()).hexdigest()[:24],
     }
 
@@ -42,14 +46,30 @@ def split_chunk_reader(data_dir: Path, split: str, num: int, batch_size: int, re
     return make_chunk
 
 
-def reference_features(accelerator, data_dir: Path, split: str, resolution: int, extractor: Extractor, num: int, batch_size: int, cache_dir: Path) -> tuple[dict, dict, dict]:
+def reference_features(
+    accelerator,
+    data_dir: Path,
+    split: str,
+    resolution: int,
+    extractor: Extractor,
+    num: int,
+    batch_size: int,
+    cache_dir: Path,
+) -> tuple[dict, dict, dict]:
     """(features by layer, FID statistics of the FID layer, protocol record incl. cache file hash). Every rank calls it."""
     record = reference_key(data_dir, split, resolution, extractor, num)
     path = Path(cache_dir) / f"ref-{split}-{resolution}px-{extractor.name}-{num}-{record['key']}.pt"
     if not path.is_file():
         make_images = split_chunk_reader(data_dir, split, num, batch_size, resolution, accelerator)
-        gathered = distributed_features(accelerator, num, batch_size, lambda c, s, e: {"images": make_images(c, s, e)}, extractor, f"reference features ({split})")
-        features = {key[len("feat/"):]: value for key, value in gathered.items() if key.startswith("feat/")}
+        gathered = distributed_features(
+            accelerator,
+            num,
+            batch_size,
+            lambda c, s, e: {"images": make_images(c, s, e)},
+            extractor,
+            f"reference features ({split})",
+        )
+        features = {key[len("feat/") :]: value for key, value in gathered.items() if key.startswith("feat/")}
         if accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -31,7 +31,9 @@ def _overrides(args) -> list[str]:
         config = Path(args.run) / "config.yaml"
         name = OmegaConf.load(config).model.name if config.is_file() else None
         if name is not None and name not in ("pixelcnn_prior", "gpt_prior"):
-            raise FacegenError(f"--temperature/--top-k/--top-p: only prior runs (pixelcnn_prior, gpt_prior) sample with them; {args.run} is a '{name}' run")
+            raise FacegenError(
+                f"--temperature/--top-k/--top-p: only prior runs (pixelcnn_prior, gpt_prior) sample with them; {args.run} is a '{name}' run"
+            )
     if args.temperature is not None:
         extra.append(f"model.temperature={args.temperature}")
     if args.top_k is not None:
@@ -44,15 +46,29 @@ def _overrides(args) -> list[str]:
 
 
 def sample_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="facegen sample", description="Draw samples from a trained run and save them as one PNG grid.")
+    parser = argparse.ArgumentParser(
+        prog="facegen sample", description="Draw samples from a trained run and save them as one PNG grid."
+    )
     parser.add_argument("--run", required=True, help="run folder, e.g. runs/prior_vqvae2_avatars64")
     parser.add_argument("--num", type=int, default=64, help="number of samples")
     parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--batch-size", type=int, default=16, help="samples drawn together (fixed: results do not depend on the process count)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="samples drawn together (fixed: results do not depend on the process count)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=None, help="prior runs: sampling temperature (default: the run's)")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="prior runs: sampling temperature (default: the run's)"
+    )
     parser.add_argument("--top-k", type=int, default=None, help="prior runs: keep the k most likely codes (0 = all)")
-    parser.add_argument("--top-p", type=float, default=None, help="gpt_prior runs: keep the smallest set of codes holding this probability")
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="gpt_prior runs: keep the smallest set of codes holding this probability",
+    )
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     parser.add_argument("overrides", nargs="*", help="config overrides of the run")
     args = parser.parse_args(argv)
@@ -65,11 +81,15 @@ def sample_main(argv: list[str]) -> int:
         restored = restore_run(args.run, _overrides(args), device=accelerator.device, use_ema=not args.no_ema)
         method, modules = restored.method, restored.modules
         if not method.can_sample():
-            raise FacegenError(f"--run {args.run}: a '{restored.cfg.model.name}' run cannot sample (a VQ run needs a prior run trained on it: model.name=pixelcnn_prior or gpt_prior, model.vq_run={args.run})")
+            raise FacegenError(
+                f"--run {args.run}: a '{restored.cfg.model.name}' run cannot sample (a VQ run needs a prior run trained on it: model.name=pixelcnn_prior or gpt_prior, model.vq_run={args.run})"
+            )
         resolution = restored.cfg.data.resolution
 
         def make_chunk(chunk: int, start: int, end: int) -> dict[str, torch.Tensor]:
-            generator = torch.Generator().manual_seed(chunk_seed(args.seed, chunk))  # as `facegen eval` seeds its chunks
+            generator = torch.Generator().manual_seed(
+                chunk_seed(args.seed, chunk)
+            )  # as `facegen eval` seeds its chunks
             with accelerator.autocast():
                 images = method.sample(modules, end - start, generator)
             return {"pixels": to_uint8(images)}
@@ -83,14 +103,24 @@ def sample_main(argv: list[str]) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             save_grid(images, out, nrow=max(1, int(math.sqrt(args.num))))
             record = {
-                "run": restored.cfg.run.name, "checkpoint": restored.checkpoint.name, "images_seen": restored.images_seen,
-                "ema": restored.ema, "num": args.num, "batch_size": args.batch_size, "seed": args.seed,
-                "processes": accelerator.num_processes, "device": str(accelerator.device),
-                "seconds": seconds, "seconds_per_image": seconds / args.num, "protocol": method.sampling_protocol(),
+                "run": restored.cfg.run.name,
+                "checkpoint": restored.checkpoint.name,
+                "images_seen": restored.images_seen,
+                "ema": restored.ema,
+                "num": args.num,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+                "processes": accelerator.num_processes,
+                "device": str(accelerator.device),
+                "seconds": seconds,
+                "seconds_per_image": seconds / args.num,
+                "protocol": method.sampling_protocol(),
             }
             out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-            print(f"wrote {out}: {args.num} samples in {seconds:.1f} s ({seconds / args.num:.3f} s/image, "
-                  f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''} on {accelerator.device})")
+            print(
+                f"wrote {out}: {args.num} samples in {seconds:.1f} s ({seconds / args.num:.3f} s/image, "
+                f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''} on {accelerator.device})"
+            )
     finally:
         accelerator.end_training()
     return 0

@@ -35,13 +35,15 @@ CHANNELS = (32, 64, 128, 192)
 
 
 @torch.no_grad()
-def attribute_accuracy(net: AttributeNet, images: torch.Tensor, labels: torch.Tensor, names: list[str], batch_size: int = 256) -> dict[str, float]:
+def attribute_accuracy(
+    net: AttributeNet, images: torch.Tensor, labels: torch.Tensor, names: list[str], batch_size: int = 256
+) -> dict[str, float]:
     """Held-out accuracy per attribute, over the images where it applies."""
     net.eval()
     correct, counted = torch.zeros(len(names)), torch.zeros(len(names))
     for start in range(0, images.shape[0], batch_size):
-        _, logits = net(images[start:start + batch_size])
-        target = labels[start:start + batch_size]
+        _, logits = net(images[start : start + batch_size])
+        target = labels[start : start + batch_size]
         for index, name in enumerate(names):
             valid = target[:, index] >= 0
             correct[index] += (logits[name].argmax(1)[valid] == target[valid, index]).sum()
@@ -57,35 +59,55 @@ def majority_baseline(labels: torch.Tensor, names: list[str]) -> dict[str, float
     return baseline
 
 
-def train_extractor(data_dir: Path, out: Path, size: int, total_images: int, batch_size: int, lr: float, seed: int, workers: int) -> dict:
+def train_extractor(
+    data_dir: Path, out: Path, size: int, total_images: int, batch_size: int, lr: float, seed: int, workers: int
+) -> dict:
     accelerator = Accelerator()
     manifest = read_manifest(data_dir)
     vocabulary = manifest.get("attributes") or {}
     if not vocabulary:
-        raise FacegenError(f"{data_dir}: the manifest lists no attributes to learn (is this an avatar/Cartoon Set shard set?)")
+        raise FacegenError(
+            f"{data_dir}: the manifest lists no attributes to learn (is this an avatar/Cartoon Set shard set?)"
+        )
     names = sorted(vocabulary)
     attributes = tuple((name, tuple(vocabulary[name])) for name in names)
     set_seed(seed)
-    net = AttributeNet({name: len(vocabulary[name]) for name in names}, CHANNELS, input_size=size).to(memory_format=torch.channels_last)
+    net = AttributeNet({name: len(vocabulary[name]) for name in names}, CHANNELS, input_size=size).to(
+        memory_format=torch.channels_last
+    )
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     net, optimizer = accelerator.prepare(net, optimizer)
     set_seed(seed, device_specific=True)
     spec = StreamSpec(
-        tuple(split_shards(data_dir, "train")), size, batch_size, seed=seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=workers, attributes=attributes,
+        tuple(split_shards(data_dir, "train")),
+        size,
+        batch_size,
+        seed=seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=workers,
+        attributes=attributes,
     )
     batches = iter(make_train_loader(spec, pin_memory=accelerator.device.type == "cuda"))
     images_per_step = batch_size * accelerator.num_processes
     steps = math.ceil(total_images / images_per_step)
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc="avatar extractor", unit="step", disable=not accelerator.is_main_process, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        range(steps),
+        desc="avatar extractor",
+        unit="step",
+        disable=not accelerator.is_main_process,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step * images_per_step, total_images, total_images // 20, "cosine", 0.01)
         batch = next(batches)
         images, labels = batch["image"].to(accelerator.device), batch["labels"].to(accelerator.device)
         _, logits = net(images)
-        loss = sum(F.cross_entropy(logits[name], labels[:, i], ignore_index=-1) for i, name in enumerate(names)) / len(names)
+        loss = sum(F.cross_entropy(logits[name], labels[:, i], ignore_index=-1) for i, name in enumerate(names)) / len(
+            names
+        )
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -106,13 +128,31 @@ def train_extractor(data_dir: Path, out: Path, size: int, total_images: int, bat
         os.replace(tmp, weights)
         record = {
             "name": out.stem,
-            "architecture": {"class": "AttributeNet", "channels": list(CHANNELS), "input_size": size, "heads": {n: list(vocabulary[n]) for n in names}},
+            "architecture": {
+                "class": "AttributeNet",
+                "channels": list(CHANNELS),
+                "input_size": size,
+                "heads": {n: list(vocabulary[n]) for n in names},
+            },
             "feature_dim": CHANNELS[-1],
             "feature": "global average pool of the last conv stage",
             "parameters": sum(p.numel() for p in model.parameters()),
-            "dataset": {"name": manifest.get("name"), "manifest_sha256": file_sha256(Path(data_dir) / MANIFEST_NAME), "image_size": manifest.get("image_size"),
-                        "seed": manifest.get("seed"), "train_samples": manifest["splits"]["train"]["num_samples"], "val_samples": int(val_images.shape[0])},
-            "training": {"images": steps * images_per_step, "batch_size": batch_size, "processes": accelerator.num_processes, "lr": lr, "seed": seed, "seconds": round(seconds, 1)},
+            "dataset": {
+                "name": manifest.get("name"),
+                "manifest_sha256": file_sha256(Path(data_dir) / MANIFEST_NAME),
+                "image_size": manifest.get("image_size"),
+                "seed": manifest.get("seed"),
+                "train_samples": manifest["splits"]["train"]["num_samples"],
+                "val_samples": int(val_images.shape[0]),
+            },
+            "training": {
+                "images": steps * images_per_step,
+                "batch_size": batch_size,
+                "processes": accelerator.num_processes,
+                "lr": lr,
+                "seed": seed,
+                "seconds": round(seconds, 1),
+            },
             "val_accuracy": accuracy,
             "val_majority_baseline": majority_baseline(val_labels, names),
             "tool": f"facegen-dist {__version__}",
@@ -125,7 +165,9 @@ def train_extractor(data_dir: Path, out: Path, size: int, total_images: int, bat
 
 
 def extractor_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="facegen extractor", description="Train the avatar attribute feature extractor.")
+    parser = argparse.ArgumentParser(
+        prog="facegen extractor", description="Train the avatar attribute feature extractor."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train on a shard set's attribute JSON; writes OUT.safetensors + OUT.json")
     train.add_argument("--data", required=True, help="shard folder with a manifest listing attributes")
@@ -137,8 +179,12 @@ def extractor_main(argv: list[str]) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    record = train_extractor(Path(args.data), Path(args.out), args.size, args.images, args.batch_size, args.lr, args.seed, args.workers)
+    record = train_extractor(
+        Path(args.data), Path(args.out), args.size, args.images, args.batch_size, args.lr, args.seed, args.workers
+    )
     if record:
         accuracy = ", ".join(f"{name} {value:.3f}" for name, value in record["val_accuracy"].items())
-        print(f"wrote {Path(args.out).with_suffix('.safetensors')} ({record['parameters']} parameters, feature dim {record['feature_dim']}); val accuracy: {accuracy}")
+        print(
+            f"wrote {Path(args.out).with_suffix('.safetensors')} ({record['parameters']} parameters, feature dim {record['feature_dim']}); val accuracy: {accuracy}"
+        )
     return 0

@@ -28,7 +28,10 @@ def codebook_usage_figure(usage: dict[str, torch.Tensor], path: Path) -> None:
         axis.set_ylabel("share of picks (EMA)")
         used = (share > 1e-4).float().mean().item()
         # Two lines: on one the title ran past a 5-inch panel and lost the "used" figure.
-        axis.set_title(f"{level}: {len(ordered)} codes, used {used:.0%}\nperplexity of EMA usage {perplexity(counts).item():.0f}", fontsize=10)
+        axis.set_title(
+            f"{level}: {len(ordered)} codes, used {used:.0%}\nperplexity of EMA usage {perplexity(counts).item():.0f}",
+            fontsize=10,
+        )
     figure.tight_layout()
     tmp = f"{path}.tmp.png"
     figure.savefig(tmp, dpi=90)

@@ -21,5 +21,5 @@ def interleave_rows(top: torch.Tensor, bottom: torch.Tensor, per_row: int) -> to
     """Rows of `top` each followed by the matching row of `bottom` (inputs over reconstructions)."""
     rows = []
     for start in range(0, top.shape[0], per_row):
-        rows += [top[start:start + per_row], bottom[start:start + per_row]]
+        rows += [top[start : start + per_row], bottom[start : start + per_row]]
     return torch.cat(rows)

@@ -42,12 +42,28 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class RunLogger(NullLogger):
-    def __init__(self, run_dir: Path, config: dict, total_images: int, images_seen: int, wandb_mode: str, wandb_project: str, wandb_run_id: str | None, progress: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        total_images: int,
+        images_seen: int,
+        wandb_mode: str,
+        wandb_project: str,
+        wandb_run_id: str | None,
+        progress: bool,
+    ):
         self.run_dir = run_dir
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.bar = tqdm(
-            total=total_images, initial=images_seen, unit="img", unit_scale=True, desc=run_dir.name,
-            disable=not progress, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            total=total_images,
+            initial=images_seen,
+            unit="img",
+            unit_scale=True,
+            desc=run_dir.name,
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
         self._wandb = None
         self.wandb_run_id = wandb_run_id
@@ -61,8 +77,13 @@ class RunLogger(NullLogger):
         self.wandb_run_id = run_id or uuid.uuid4().hex[:8]
         # Same id + resume="allow": a resumed or requeued run continues the same dashboard.
         self._wandb = wandb.init(
-            project=project, name=self.run_dir.name, id=self.wandb_run_id, resume="allow",
-            dir=str(self.run_dir), mode=mode, config=config,
+            project=project,
+            name=self.run_dir.name,
+            id=self.wandb_run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            mode=mode,
+            config=config,
         )
 
     def log(self, row: dict) -> None:

@@ -41,5 +41,5 @@ class StatsCollector:
         totals = accelerator.reduce(torch.cat([sums, counts]), reduction="sum")
         self._sums.clear()
         self._counts.clear()
-        sums, counts = totals[: len(names)], totals[len(names):]
+        sums, counts = totals[: len(names)], totals[len(names) :]
         return {n: (sums[i] / counts[i]).item() for i, n in enumerate(names) if counts[i] > 0}

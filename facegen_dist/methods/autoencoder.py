@@ -37,11 +37,17 @@ class AutoencoderMethod(Method):
         if not channels or min(channels) <= 0:
             raise ConfigError(f"model.channels: {channels} needs one or more positive widths")
         if resolution % halvings or resolution < halvings:
-            raise ConfigError(f"model.channels: {len(channels)} entries halve {resolution} px {len(channels)} times; "
-                              f"data.resolution must be a multiple of {halvings} (or give fewer entries)")
+            raise ConfigError(
+                f"model.channels: {len(channels)} entries halve {resolution} px {len(channels)} times; "
+                f"data.resolution must be a multiple of {halvings} (or give fewer entries)"
+            )
 
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"autoencoder": ConvAutoencoder(self.resolution, list(self.cfg.channels), self.cfg.latent_dim, self.variational)}
+        return {
+            "autoencoder": ConvAutoencoder(
+                self.resolution, list(self.cfg.channels), self.cfg.latent_dim, self.variational
+            )
+        }
 
     def phases(self) -> list[Phase]:
         return [Phase("autoencoder", ("autoencoder",))]

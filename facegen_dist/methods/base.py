@@ -16,7 +16,6 @@ from torch import nn
 
 from facegen_dist.errors import ConfigError
 
-
 # Methods whose runs hold a VQ model as the module "vqvae": codes, priors and sampling read them alike.
 VQ_METHODS = ("vqvae", "vqvae2", "vqgan")
 
@@ -73,7 +72,9 @@ class Method:
         """Modules that get an exponential moving average (used for grids and evaluation)."""
         return ()
 
-    def loss(self, phase: str, modules: dict[str, nn.Module], images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, phase: str, modules: dict[str, nn.Module], images: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss of `phase` on a batch of images in [0, 1] (or codes, see check_code_dataset), and named stats to log."""
         raise NotImplementedError
 
@@ -87,7 +88,9 @@ class Method:
 
     def check_code_dataset(self, manifest: dict, path: str) -> None:
         """Accept a code dataset (data/codes.py) as training data, or raise ConfigError; `loss` then gets {level: codes}."""
-        raise ConfigError(f"data.path: {path} holds VQ codes ({manifest.get('name')}), which train a pixelcnn_prior or gpt_prior, not '{self.cfg.name}'")
+        raise ConfigError(
+            f"data.path: {path} holds VQ codes ({manifest.get('name')}), which train a pixelcnn_prior or gpt_prior, not '{self.cfg.name}'"
+        )
 
     def can_sample(self) -> bool:
         """Whether `sample` draws images (the base class draws none)."""

@@ -47,7 +47,9 @@ class DCGANMethod(Method):
         try:
             return {
                 "generator": DCGANGenerator(self.resolution, cfg.latent_dim, cfg.gen_channels, cfg.max_channels),
-                "discriminator": DCGANDiscriminator(self.resolution, cfg.disc_channels, cfg.max_channels, cfg.disc_batch_norm),
+                "discriminator": DCGANDiscriminator(
+                    self.resolution, cfg.disc_channels, cfg.max_channels, cfg.disc_batch_norm
+                ),
             }
         except ValueError as error:
             raise ConfigError(f"data.resolution: {error}") from None
@@ -72,13 +74,20 @@ class DCGANMethod(Method):
                 fake = plain_module(modules["generator"])(latents)
             logits_real, logits_fake = score_real_and_fake(modules["discriminator"], images, fake)
             d_loss = discriminator_loss(logits_real, logits_fake, self.cfg.loss)
-            return d_loss, {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
+            return d_loss, {
+                "d_loss": d_loss.detach(),
+                "logits_real": logits_real.detach().mean(),
+                "logits_fake": logits_fake.detach().mean(),
+            }
         logits_fake = plain_module(modules["discriminator"])(modules["generator"](latents)).float()
         g_loss = generator_adversarial_loss(logits_fake, self.cfg.loss)
         return g_loss, {"g_loss": g_loss.detach(), "loss": g_loss.detach()}
 
     def sampling_protocol(self) -> dict:
-        return {"latent": f"z ~ N(0, I), {self.cfg.latent_dim}-d", "generator": "EMA weights, BatchNorm running statistics"}
+        return {
+            "latent": f"z ~ N(0, I), {self.cfg.latent_dim}-d",
+            "generator": "EMA weights, BatchNorm running statistics",
+        }
 
     @torch.no_grad()
     def sample(self, modules, num, generator):

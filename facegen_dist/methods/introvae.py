@@ -59,7 +59,16 @@ def regularisation(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return gaussian_kl(mean.float(), logvar.float()).mean()
 
 
-def encoder_loss(real: tuple, rec: tuple, fake: tuple, l_ae: torch.Tensor, alpha: float, beta: float, margin: float, adversarial: bool) -> tuple[torch.Tensor, dict]:
+def encoder_loss(
+    real: tuple,
+    rec: tuple,
+    fake: tuple,
+    l_ae: torch.Tensor,
+    alpha: float,
+    beta: float,
+    margin: float,
+    adversarial: bool,
+) -> tuple[torch.Tensor, dict]:
     """L_E of Algorithm 1 from (mean, logvar) of X, ng(Xr) and ng(Xp)."""
     reg_real = regularisation(*real)
     loss = reg_real + beta * l_ae
@@ -71,7 +80,9 @@ def encoder_loss(real: tuple, rec: tuple, fake: tuple, l_ae: torch.Tensor, alpha
     return loss, stats
 
 
-def decoder_loss(rec: tuple, fake: tuple, l_ae: torch.Tensor, alpha: float, beta: float, adversarial: bool) -> tuple[torch.Tensor, dict]:
+def decoder_loss(
+    rec: tuple, fake: tuple, l_ae: torch.Tensor, alpha: float, beta: float, adversarial: bool
+) -> tuple[torch.Tensor, dict]:
     """L_G of Algorithm 1 from (mean, logvar) of Xr and Xp under the updated encoder."""
     loss = beta * l_ae
     stats = {"l_ae": l_ae.detach()}
@@ -95,7 +106,9 @@ class IntroVAEMethod(Method):
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)
         self._images_seen = 0
-        self._latents: list[tuple[weakref.ref, torch.Tensor, torch.Tensor]] = []  # (batch, Z, Zp) per micro-batch of this step
+        self._latents: list[
+            tuple[weakref.ref, torch.Tensor, torch.Tensor]
+        ] = []  # (batch, Z, Zp) per micro-batch of this step
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.cfg
@@ -133,7 +146,16 @@ class IntroVAEMethod(Method):
             rec = fake_stats = None
             if adversarial:
                 rec, fake_stats = _score_pair(encoder, reconstruction.detach(), fake.detach())
-            loss, stats = encoder_loss((mean, logvar), rec, fake_stats, reconstruction_error(reconstruction, images), cfg.alpha, cfg.beta, cfg.margin, adversarial)
+            loss, stats = encoder_loss(
+                (mean, logvar),
+                rec,
+                fake_stats,
+                reconstruction_error(reconstruction, images),
+                cfg.alpha,
+                cfg.beta,
+                cfg.margin,
+                adversarial,
+            )
             stats["mse"] = F.mse_loss(reconstruction.detach().float(), images.float())
             return loss, {**stats, "loss": loss.detach()}
         cached = next(((z, zp) for ref, z, zp in self._latents if ref() is images), None)
@@ -144,7 +166,9 @@ class IntroVAEMethod(Method):
         rec = fake_stats = None
         if adversarial:
             rec, fake_stats = _score_pair(encoder, reconstruction, fake)
-        loss, stats = decoder_loss(rec, fake_stats, reconstruction_error(reconstruction, images), cfg.alpha, cfg.beta, adversarial)
+        loss, stats = decoder_loss(
+            rec, fake_stats, reconstruction_error(reconstruction, images), cfg.alpha, cfg.beta, adversarial
+        )
         return loss, {**stats, "loss": loss.detach()}
 
     def sampling_protocol(self) -> dict:

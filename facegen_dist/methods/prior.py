@@ -67,12 +67,19 @@ class CodePriorMethod(Method):
         from facegen_dist.train.restore import restore_run  # late: restore builds methods
 
         if not model_cfg.vq_run:
-            raise ConfigError(f"model.vq_run: required: the folder of a trained {'/'.join(VQ_METHODS)} run, e.g. runs/vqvae2_avatars64")
+            raise ConfigError(
+                f"model.vq_run: required: the folder of a trained {'/'.join(VQ_METHODS)} run, e.g. runs/vqvae2_avatars64"
+            )
         top_p = getattr(model_cfg, "top_p", 1.0)
-        bad = [f"model.{name} (--{name.replace('_', '-')}) is {value}: must be {rule}"
-               for name, value, ok, rule in (("temperature", model_cfg.temperature, model_cfg.temperature > 0, "> 0"),
-                                             ("top_k", model_cfg.top_k, model_cfg.top_k >= 0, ">= 0 (0: off)"),
-                                             ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1: off)")) if not ok]
+        bad = [
+            f"model.{name} (--{name.replace('_', '-')}) is {value}: must be {rule}"
+            for name, value, ok, rule in (
+                ("temperature", model_cfg.temperature, model_cfg.temperature > 0, "> 0"),
+                ("top_k", model_cfg.top_k, model_cfg.top_k >= 0, ">= 0 (0: off)"),
+                ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1: off)"),
+            )
+            if not ok
+        ]
         if bad:
             raise ConfigError("; ".join(bad))
         try:
@@ -80,7 +87,9 @@ class CodePriorMethod(Method):
         except FacegenError as error:
             raise ConfigError(f"model.vq_run: {error}") from None
         if vq_run.cfg.model.name not in VQ_METHODS:
-            raise ConfigError(f"model.vq_run: {model_cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not {'/'.join(VQ_METHODS)}")
+            raise ConfigError(
+                f"model.vq_run: {model_cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not {'/'.join(VQ_METHODS)}"
+            )
         if vq_run.cfg.data.resolution != resolution:
             raise ConfigError(f"data.resolution: {resolution} differs from the VQ run's {vq_run.cfg.data.resolution}")
         self.vq_run = vq_run
@@ -109,25 +118,33 @@ class CodePriorMethod(Method):
         self.vq.to(images.device)
         with torch.autocast(images.device.type, enabled=False):
             _, indices, _, _ = self.vq.encode(images.float())
-        self._cached_codes = [(r, c) for r, c in self._cached_codes if r() is not None] + [(weakref.ref(images), indices)]
+        self._cached_codes = [(r, c) for r, c in self._cached_codes if r() is not None] + [
+            (weakref.ref(images), indices)
+        ]
         return indices
 
     def check_code_dataset(self, manifest: dict, path: str) -> None:
         """Codes from `facegen codes` must come from this prior's VQ run and checkpoint, at its grid sizes."""
         if Path(manifest.get("vq_run", "")).resolve() != Path(self.cfg.vq_run).resolve():
-            raise ConfigError(f"data.path: the codes at {path} come from {manifest.get('vq_run')}, not model.vq_run={self.cfg.vq_run}")
+            raise ConfigError(
+                f"data.path: the codes at {path} come from {manifest.get('vq_run')}, not model.vq_run={self.cfg.vq_run}"
+            )
         if manifest.get("vq_checkpoint") != self.vq_run.checkpoint.name:
-            raise ConfigError(f"data.path: the codes at {path} come from {manifest.get('vq_checkpoint')}, model.vq_run's is "
-                              f"{self.vq_run.checkpoint.name}; set model.vq_checkpoint={manifest.get('vq_checkpoint')}")
+            raise ConfigError(
+                f"data.path: the codes at {path} come from {manifest.get('vq_checkpoint')}, model.vq_run's is "
+                f"{self.vq_run.checkpoint.name}; set model.vq_checkpoint={manifest.get('vq_checkpoint')}"
+            )
         if {level: tuple(shape) for level, shape in manifest.get("levels", {}).items()} != dict(self.grids):
-            raise ConfigError(f"data.path: the code grids at {path} ({manifest.get('levels')}) are not this VQ model's {dict(self.grids)}")
+            raise ConfigError(
+                f"data.path: the code grids at {path} ({manifest.get('levels')}) are not this VQ model's {dict(self.grids)}"
+            )
 
     def level_loss(self, module: nn.Module, level: str, codes: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy (nats per code) of `level`'s codes; through the module's forward, so DDP's hooks run."""
         raise NotImplementedError
 
     def loss(self, phase, modules, images):
-        level = phase[len("prior_"):]
+        level = phase[len("prior_") :]
         codes = images if isinstance(images, dict) else self.codes(images)  # a code dataset's batch, or images
         loss = self.level_loss(modules[phase], level, codes)
         # nats per code -> bits per code, the figure PixelCNN papers report
@@ -137,8 +154,14 @@ class CodePriorMethod(Method):
         raise NotImplementedError
 
     def _protocol(self, prior: str) -> dict:
-        return {"prior": prior, "temperature": self.cfg.temperature, "top_k": self.cfg.top_k,
-                "vq_run": str(self.cfg.vq_run), "vq_checkpoint": self.vq_run.checkpoint.name, "vq_ema": self.vq_run.ema}
+        return {
+            "prior": prior,
+            "temperature": self.cfg.temperature,
+            "top_k": self.cfg.top_k,
+            "vq_run": str(self.cfg.vq_run),
+            "vq_checkpoint": self.vq_run.checkpoint.name,
+            "vq_ema": self.vq_run.ema,
+        }
 
     @torch.no_grad()
     def sample(self, modules, num, generator):
@@ -168,8 +191,12 @@ class PixelCNNPriorMethod(CodePriorMethod):
         for level in self.levels:
             conditioned = level == "bottom" and "top" in self.grids
             modules[f"prior_{level}"] = GatedPixelCNN(
-                self.num_codes, cfg.channels, cfg.layers, cfg.kernel_size,
-                cond_codes=self.num_codes if conditioned else 0, cond_scale=2,
+                self.num_codes,
+                cfg.channels,
+                cfg.layers,
+                cfg.kernel_size,
+                cond_codes=self.num_codes if conditioned else 0,
+                cond_scale=2,
             )
         return modules
 
@@ -189,8 +216,13 @@ class PixelCNNPriorMethod(CodePriorMethod):
         for level in self.levels:
             height, width = self.grids[level]
             codes[level] = modules[f"prior_{level}"].sample(
-                num, height, width, cond=self._condition(level, codes), generator=generator,
-                temperature=self.cfg.temperature, top_k=self.cfg.top_k,
+                num,
+                height,
+                width,
+                cond=self._condition(level, codes),
+                generator=generator,
+                temperature=self.cfg.temperature,
+                top_k=self.cfg.top_k,
             )
         return codes
 
@@ -203,8 +235,10 @@ class GPTPriorMethod(CodePriorMethod):
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)
         if self.levels != ("bottom",):
-            raise ConfigError(f"model.vq_run: {model_cfg.vq_run} has {len(self.levels)} code grids; gpt_prior models one "
-                              "(a vqvae or vqgan run); for vqvae2 use pixelcnn_prior")
+            raise ConfigError(
+                f"model.vq_run: {model_cfg.vq_run} has {len(self.levels)} code grids; gpt_prior models one "
+                "(a vqvae or vqgan run); for vqvae2 use pixelcnn_prior"
+            )
         height, width = self.grids["bottom"]
         self.seq_len = height * width
 
@@ -226,5 +260,7 @@ class GPTPriorMethod(CodePriorMethod):
     @torch.no_grad()
     def sample_codes(self, modules, num, generator):
         cfg = self.cfg
-        flat = modules["prior_bottom"].sample(num, generator=generator, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        flat = modules["prior_bottom"].sample(
+            num, generator=generator, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
+        )
         return {"bottom": flat.view(num, *self.grids["bottom"])}

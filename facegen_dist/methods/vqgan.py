@@ -37,7 +37,14 @@ from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import Phase, plain_module
 from facegen_dist.methods.vqvae import VQVAEMethod
 from facegen_dist.models.discriminator import PatchDiscriminator
-from facegen_dist.models.gan_losses import adaptive_generator_weight, disc_factor, discriminator_loss, feature_matching_loss, generator_adversarial_loss, score_real_and_fake
+from facegen_dist.models.gan_losses import (
+    adaptive_generator_weight,
+    disc_factor,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    score_real_and_fake,
+)
 from facegen_dist.models.vqgan import VQGAN, AttnBlock, Downsample, ResnetBlock, Upsample
 
 
@@ -63,7 +70,9 @@ class VQGANConfig:
     # vgg16 (LPIPS) | avatar (LPIPS form over the shipped avatar network: offline, avatars only) | tiny (tests only) | none
     perceptual: str = "vgg16"
     perceptual_weight: float = 1.0
-    perceptual_weights: str = ""  # torchvision vgg16 state dict (.pth) for offline machines; for avatar: another extractor
+    perceptual_weights: str = (
+        ""  # torchvision vgg16 state dict (.pth) for offline machines; for avatar: another extractor
+    )
     disc_layers: int = 3
     disc_channels: int = 64
     disc_norm: str = "batch"  # batch | act (ActNorm, data-initialised identically on every rank) | none
@@ -79,18 +88,40 @@ class VQGANConfig:
 
 
 def build_vqgan(cfg, resolution: int) -> VQGAN:
-    for key, value, allowed in (("codebook_update", cfg.codebook_update, ("ema", "loss")), ("recon_loss", cfg.recon_loss, ("l1", "l2")),
-                                ("perceptual", cfg.perceptual, ("vgg16", "avatar", "tiny", "none")), ("disc_loss", cfg.disc_loss, ("hinge", "vanilla")),
-                                ("disc_norm", cfg.disc_norm, ("batch", "act", "none"))):
+    for key, value, allowed in (
+        ("codebook_update", cfg.codebook_update, ("ema", "loss")),
+        ("recon_loss", cfg.recon_loss, ("l1", "l2")),
+        ("perceptual", cfg.perceptual, ("vgg16", "avatar", "tiny", "none")),
+        ("disc_loss", cfg.disc_loss, ("hinge", "vanilla")),
+        ("disc_norm", cfg.disc_norm, ("batch", "act", "none")),
+    ):
         if value not in allowed:
             raise ConfigError(f"model.{key}: '{value}' is not one of {', '.join(allowed)}")
     factor = 2 ** (len(cfg.channel_mult) - 1)
     if len(cfg.channel_mult) < 2 or resolution % factor or resolution // factor < 2:
-        raise ConfigError(f"model.channel_mult: {len(cfg.channel_mult)} levels downsample by {factor}, which does not fit {resolution} px")
-    quant = dict(num_codes=cfg.num_codes, beta=cfg.beta, update=cfg.codebook_update, decay=cfg.ema_decay,
-                 kmeans_init=cfg.kmeans_init, dead_code_steps=cfg.dead_code_steps, cosine=cfg.cosine)
-    return VQGAN(ch=cfg.channels, ch_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.res_blocks, attn_resolutions=tuple(cfg.attn_resolutions),
-                 resolution=resolution, embed_dim=cfg.embed_dim, z_channels=cfg.z_channels, dropout=cfg.dropout, quant=quant)
+        raise ConfigError(
+            f"model.channel_mult: {len(cfg.channel_mult)} levels downsample by {factor}, which does not fit {resolution} px"
+        )
+    quant = dict(
+        num_codes=cfg.num_codes,
+        beta=cfg.beta,
+        update=cfg.codebook_update,
+        decay=cfg.ema_decay,
+        kmeans_init=cfg.kmeans_init,
+        dead_code_steps=cfg.dead_code_steps,
+        cosine=cfg.cosine,
+    )
+    return VQGAN(
+        ch=cfg.channels,
+        ch_mult=tuple(cfg.channel_mult),
+        num_res_blocks=cfg.res_blocks,
+        attn_resolutions=tuple(cfg.attn_resolutions),
+        resolution=resolution,
+        embed_dim=cfg.embed_dim,
+        z_channels=cfg.z_channels,
+        dropout=cfg.dropout,
+        quant=quant,
+    )
 
 
 class VQGANMethod(VQVAEMethod):
@@ -147,7 +178,7 @@ class VQGANMethod(VQVAEMethod):
 
     def _reconstruction_loss(self, reconstruction: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
-        difference = (reconstruction.float() - images.float())
+        difference = reconstruction.float() - images.float()
         rec = difference.abs().mean() if cfg.recon_loss == "l1" else difference.pow(2).mean()
         nll = cfg.recon_weight * rec
         stats = {"rec": rec.detach(), "mse": difference.detach().pow(2).mean()}
@@ -165,15 +196,25 @@ class VQGANMethod(VQVAEMethod):
         nll, stats = self._reconstruction_loss(reconstruction, images)
         loss = nll + quantizer_loss
         if self.disc_on(self._images_seen):
-            discriminator = plain_module(modules["discriminator"])  # see the module docstring: D's DDP reducer stays out of G's phase
+            discriminator = plain_module(
+                modules["discriminator"]
+            )  # see the module docstring: D's DDP reducer stays out of G's phase
             logits_fake, fake_features = discriminator(reconstruction, return_features=True)
             g_loss = generator_adversarial_loss(logits_fake, cfg.disc_loss)
-            adaptive = adaptive_generator_weight(nll, g_loss, plain_module(modules["vqvae"]).last_layer(), cfg.adaptive_weight_max)
+            adaptive = adaptive_generator_weight(
+                nll, g_loss, plain_module(modules["vqvae"]).last_layer(), cfg.adaptive_weight_max
+            )
             weight = adaptive.weight * cfg.disc_weight
             factor = disc_factor(self._images_seen, cfg.disc_start_images, cfg.disc_factor)
             loss = loss + factor * weight * g_loss
             # adaptive_weight_zeroed: the fraction of micro-batches whose weight was forced to 0 (non-finite or zero gradients)
-            stats.update({"g_loss": g_loss.detach(), "adaptive_weight": weight, "adaptive_weight_zeroed": torch.tensor(float(adaptive.reason is not None))})
+            stats.update(
+                {
+                    "g_loss": g_loss.detach(),
+                    "adaptive_weight": weight,
+                    "adaptive_weight_zeroed": torch.tensor(float(adaptive.reason is not None)),
+                }
+            )
             if cfg.feature_matching_weight > 0:
                 with torch.no_grad():
                     _, real_features = discriminator(images, return_features=True)
@@ -189,11 +230,17 @@ class VQGANMethod(VQVAEMethod):
         cfg = self.cfg
         fake = next((fake for ref, fake in self._fakes if ref() is images), None)
         if fake is None:
-            raise RuntimeError("vqgan: the discriminator phase ran on a batch the generator phase of this step did not see")
+            raise RuntimeError(
+                "vqgan: the discriminator phase ran on a batch the generator phase of this step did not see"
+            )
         logits_real, logits_fake = score_real_and_fake(modules["discriminator"], images, fake)
         d_loss = discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
         loss = disc_factor(self._images_seen, cfg.disc_start_images, cfg.disc_factor) * d_loss
-        return loss, {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
+        return loss, {
+            "d_loss": d_loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
 
     def sampling_protocol(self) -> dict:
         return {"samples": "none: train a gpt_prior on this run to sample"}

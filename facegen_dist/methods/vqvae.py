@@ -18,8 +18,10 @@ from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import Method, Phase
 from facegen_dist.models.vqvae import VQVAE, VQVAE2, ResBlock
 
-NO_GAUSSIAN_PRIOR = ("no N(0, I) prior: a VQ model samples from a PixelCNN prior over its codes; train a pixelcnn_prior "
-                     "with model.vq_run=<this run> and sample with `facegen sample --run <that prior run>`")
+NO_GAUSSIAN_PRIOR = (
+    "no N(0, I) prior: a VQ model samples from a PixelCNN prior over its codes; train a pixelcnn_prior "
+    "with model.vq_run=<this run> and sample with `facegen sample --run <that prior run>`"
+)
 
 
 @dataclass
@@ -50,13 +52,32 @@ def build_vq_model(cfg, resolution: int) -> nn.Module:
         raise ConfigError("model.cosine: l2-normalised codes need model.codebook_update=ema")
     factor = cfg.downsample * (2 if cfg.name == "vqvae2" else 1)
     if cfg.downsample < 2 or cfg.downsample & (cfg.downsample - 1) or resolution % factor or resolution // factor < 2:
-        raise ConfigError(f"model.downsample: {cfg.downsample} does not fit {resolution} px ({cfg.name} needs a power of two with resolution/{factor} >= 2)")
-    quant = dict(num_codes=cfg.num_codes, beta=cfg.beta, update=cfg.codebook_update, decay=cfg.ema_decay,
-                 kmeans_init=cfg.kmeans_init, dead_code_steps=cfg.dead_code_steps, cosine=cfg.cosine)
+        raise ConfigError(
+            f"model.downsample: {cfg.downsample} does not fit {resolution} px ({cfg.name} needs a power of two with resolution/{factor} >= 2)"
+        )
+    quant = dict(
+        num_codes=cfg.num_codes,
+        beta=cfg.beta,
+        update=cfg.codebook_update,
+        decay=cfg.ema_decay,
+        kmeans_init=cfg.kmeans_init,
+        dead_code_steps=cfg.dead_code_steps,
+        cosine=cfg.cosine,
+    )
     if cfg.top_encoder_channels < 0 or (cfg.top_encoder_channels and cfg.name != "vqvae2"):
-        raise ConfigError(f"model.top_encoder_channels: {cfg.top_encoder_channels} needs model.name=vqvae2 and a value >= 0 (0 = model.channels)")
+        raise ConfigError(
+            f"model.top_encoder_channels: {cfg.top_encoder_channels} needs model.name=vqvae2 and a value >= 0 (0 = model.channels)"
+        )
     if cfg.name == "vqvae2":
-        return VQVAE2(cfg.channels, cfg.res_blocks, cfg.res_channels, cfg.embed_dim, cfg.downsample, quant, cfg.top_encoder_channels)
+        return VQVAE2(
+            cfg.channels,
+            cfg.res_blocks,
+            cfg.res_channels,
+            cfg.embed_dim,
+            cfg.downsample,
+            quant,
+            cfg.top_encoder_channels,
+        )
     return VQVAE(cfg.channels, cfg.res_blocks, cfg.res_channels, cfg.embed_dim, cfg.downsample, quant)
 
 
@@ -75,9 +96,11 @@ class PreQuantLatent(nn.Module):
         super().__init__()
         self.model = model
         self.shapes = {level: (embed_dim, *grid) for level, grid in model.grid_shapes(resolution).items()}
-        self.latent_description = "pre-quantisation latent: " + " + ".join(
-            f"{level} {'x'.join(map(str, shape[1:]))}x{shape[0]}" for level, shape in self.shapes.items()
-        ) + f" = {sum(math.prod(shape) for shape in self.shapes.values())} dims"
+        self.latent_description = (
+            "pre-quantisation latent: "
+            + " + ".join(f"{level} {'x'.join(map(str, shape[1:]))}x{shape[0]}" for level, shape in self.shapes.items())
+            + f" = {sum(math.prod(shape) for shape in self.shapes.values())} dims"
+        )
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
         latents = self.model.encode_latents(images)

@@ -32,7 +32,9 @@ class ConvAutoencoder(nn.Module):
         super().__init__()
         bottom = resolution // 2 ** len(channels)
         if bottom < 1 or resolution % 2 ** len(channels):
-            raise ValueError(f"resolution {resolution} is not divisible by 2**{len(channels)} (one halving per channel entry)")
+            raise ValueError(
+                f"resolution {resolution} is not divisible by 2**{len(channels)} (one halving per channel entry)"
+            )
         self.variational = variational
         self.bottom_shape = (channels[-1], bottom, bottom)
         flat = channels[-1] * bottom * bottom

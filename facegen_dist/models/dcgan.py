@@ -39,7 +39,11 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         widths = _widths(resolution, channels, max_channels)
         self.latent_dim = latent_dim
-        layers: list[nn.Module] = [nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(True),
+        ]
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1), nn.Tanh()]
@@ -55,7 +59,10 @@ class DCGANDiscriminator(nn.Module):
     def __init__(self, resolution: int, channels: int = 64, max_channels: int = 512, batch_norm: bool = True):
         super().__init__()
         widths = list(reversed(_widths(resolution, channels, max_channels)))
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]  # no norm on the input layer (the paper)
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, widths[0], 4, 2, 1),
+            nn.LeakyReLU(0.2, True),
+        ]  # no norm on the input layer (the paper)
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(a, b, 4, 2, 1, bias=not batch_norm)]
             layers += [nn.BatchNorm2d(b)] if batch_norm else []

@@ -59,9 +59,11 @@ class ActNorm(nn.Module):
         packed = torch.cat([sums.flatten(), count])
         if _world() > 1:
             dist.all_reduce(packed)
-        total, total_sq, n = packed[: flat.shape[0]], packed[flat.shape[0]: -1], packed[-1]
+        total, total_sq, n = packed[: flat.shape[0]], packed[flat.shape[0] : -1], packed[-1]
         mean = total / n
-        std = ((total_sq - n * mean.pow(2)) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()  # unbiased, like taming's tensor.std
+        std = (
+            ((total_sq - n * mean.pow(2)) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+        )  # unbiased, like taming's tensor.std
         self.loc.data.copy_(-mean.view_as(self.loc).to(self.loc.dtype))
         self.scale.data.copy_((1 / (std + 1e-6)).view_as(self.scale).to(self.scale.dtype))
         self.initialized.fill_(1)
@@ -86,8 +88,11 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             previous, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1  # the last feature layer keeps the resolution
-            layers += [nn.Conv2d(ndf * previous, ndf * mult, 4, stride=stride, padding=1, bias=use_bias),
-                       norm_layer(ndf * mult), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(ndf * previous, ndf * mult, 4, stride=stride, padding=1, bias=use_bias),
+                norm_layer(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers += [nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
         self.main = nn.Sequential(*layers)
         self.apply(weights_init)

@@ -81,8 +81,9 @@ class AdaptiveWeight(NamedTuple):
     reason: str | None  # why the weight was forced to 0, for the log; None when it is the ratio
 
 
-def adaptive_generator_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                              max_weight: float = 1e4, eps: float = 1e-4) -> AdaptiveWeight:
+def adaptive_generator_weight(
+    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4, eps: float = 1e-4
+) -> AdaptiveWeight:
     """||d nll / d last_layer|| / (||d g_loss / d last_layer|| + eps), clamped to [0, max_weight], detached.
 
     Balances the adversarial term against the reconstruction terms (Esser et al. 2021, eq. 7).
@@ -93,8 +94,9 @@ def adaptive_generator_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last
     zero = torch.zeros((), device=last_layer.device)
     if not (nll_loss.requires_grad and g_loss.requires_grad and torch.is_grad_enabled()):
         return AdaptiveWeight(zero, "no graph (evaluation or no_grad)")
-    nll_grad, g_grad = (torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)[0]
-                        for loss in (nll_loss, g_loss))
+    nll_grad, g_grad = (
+        torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)[0] for loss in (nll_loss, g_loss)
+    )
     norms = torch.stack([grad.detach().float().norm() if grad is not None else zero for grad in (nll_grad, g_grad)])
     nll_norm, g_norm = norms.tolist()
     if not (math.isfinite(nll_norm) and math.isfinite(g_norm)):

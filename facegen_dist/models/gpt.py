@@ -128,12 +128,23 @@ class CodeGPT(nn.Module):
     is never an input, so the two matrices see different training signals.
     """
 
-    def __init__(self, num_codes: int, seq_len: int, n_layer: int, n_head: int, n_embd: int, dropout: float = 0.0,
-                 num_classes: int = 0, bias: bool = True):
+    def __init__(
+        self,
+        num_codes: int,
+        seq_len: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        bias: bool = True,
+    ):
         super().__init__()
         if num_codes < 2 or seq_len < 1 or n_layer < 1 or n_head < 1:
-            raise ValueError(f"need num_codes >= 2, seq_len >= 1, n_layer >= 1, n_head >= 1; "
-                             f"got {num_codes}, {seq_len}, {n_layer}, {n_head}")
+            raise ValueError(
+                f"need num_codes >= 2, seq_len >= 1, n_layer >= 1, n_head >= 1; "
+                f"got {num_codes}, {seq_len}, {n_layer}, {n_head}"
+            )
         if n_embd < 1 or n_embd % n_head:
             raise ValueError(f"n_embd must be a positive multiple of n_head, got n_embd={n_embd}, n_head={n_head}")
         if not 0.0 <= dropout < 1.0 or num_classes < 0:
@@ -171,7 +182,11 @@ class CodeGPT(nn.Module):
         """Parameter count; non_embedding=True leaves out the token, position and class/start embeddings."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            embeddings = [self.tok_emb.weight, self.pos_emb.weight, self.class_emb.weight if self.class_emb is not None else self.start]
+            embeddings = [
+                self.tok_emb.weight,
+                self.pos_emb.weight,
+                self.class_emb.weight if self.class_emb is not None else self.start,
+            ]
             total -= sum(p.numel() for p in embeddings)
         return total
 
@@ -182,12 +197,16 @@ class CodeGPT(nn.Module):
                 raise ValueError("this CodeGPT is unconditional (num_classes=0) but got cond")
             return self.start.expand(batch, 1, -1)
         if cond is None:
-            raise ValueError(f"this CodeGPT is class-conditional (num_classes={self.num_classes}): pass cond, class ids [B]")
+            raise ValueError(
+                f"this CodeGPT is class-conditional (num_classes={self.num_classes}): pass cond, class ids [B]"
+            )
         if cond.shape != (batch,) or cond.dtype != torch.long:
             raise ValueError(f"cond must be int64 class ids of shape [{batch}], got {cond.dtype} {list(cond.shape)}")
         # A device sync, but on a GPU an out-of-range id would otherwise be an opaque device-side assert.
         if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
-            raise ValueError(f"class ids must be in [0, {self.num_classes}), got {cond.min().item()}..{cond.max().item()}")
+            raise ValueError(
+                f"class ids must be in [0, {self.num_classes}), got {cond.min().item()}..{cond.max().item()}"
+            )
         return self.class_emb(cond)[:, None]
 
     def _trunk(self, x: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
@@ -216,8 +235,16 @@ class CodeGPT(nn.Module):
         return F.cross_entropy(self(codes, cond).float().flatten(0, 1), codes.flatten())
 
     @torch.no_grad()
-    def sample(self, num: int, cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+    def sample(
+        self,
+        num: int,
+        cond: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
         """num sequences of codes [num, seq_len] on the model's device, in eval mode (no dropout).
 
         generator: a CPU generator (uniforms are drawn on the CPU, see `draw_codes`). top_k: keep the

@@ -18,7 +18,9 @@ from facegen_dist.models.autoencoder import _down, _up
 def _bottom_shape(resolution: int, channels: list[int]) -> tuple[int, int, int]:
     bottom = resolution // 2 ** len(channels)
     if bottom < 1 or resolution % 2 ** len(channels):
-        raise ValueError(f"resolution {resolution} is not divisible by 2**{len(channels)} (one halving per channel entry)")
+        raise ValueError(
+            f"resolution {resolution} is not divisible by 2**{len(channels)} (one halving per channel entry)"
+        )
     return channels[-1], bottom, bottom
 
 

@@ -90,8 +90,12 @@ class AvatarLPIPS(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.input_size:
-            images, targets = (F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
-                               for x in (images, targets))
+            images, targets = (
+                F.interpolate(
+                    x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+                )
+                for x in (images, targets)
+            )
         return lpips_distance(self.stages, images, targets)
 
 
@@ -112,8 +116,10 @@ def vgg16_weights_path(weights: str = "", allow_download: bool | None = None) ->
     if cached.is_file():
         return cached
     if not _allowed_online(allow_download):
-        raise ConfigError(f"model.perceptual_weights: no VGG16 weights given and none at {cached}; pass "
-                          f"model.perceptual_weights=/path/to/{VGG16_FILE} or run once online with {ALLOW_DOWNLOAD_ENV}=1")
+        raise ConfigError(
+            f"model.perceptual_weights: no VGG16 weights given and none at {cached}; pass "
+            f"model.perceptual_weights=/path/to/{VGG16_FILE} or run once online with {ALLOW_DOWNLOAD_ENV}=1"
+        )
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(VGG16_URL, str(cached), hash_prefix=VGG16_HASH_PREFIX)
     return cached
@@ -126,8 +132,12 @@ def _read_vgg16_state(path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"model.perceptual_weights: cannot read '{path}' ({type(error).__name__})") from error
     # The 13 convs of vgg16.features; LPIPS uses all of them.
     convs = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-    missing = [f"features.{index}.{name}" for index in convs for name in ("weight", "bias")
-               if not isinstance(state, dict) or f"features.{index}.{name}" not in state]
+    missing = [
+        f"features.{index}.{name}"
+        for index in convs
+        for name in ("weight", "bias")
+        if not isinstance(state, dict) or f"features.{index}.{name}" not in state
+    ]
     if missing:
         raise ConfigError(f"model.perceptual_weights: '{path}' is not a torchvision vgg16 state dict (no {missing[0]})")
     return state
@@ -140,8 +150,10 @@ def _load_vgg16_trunk(trunk: nn.Module, state: dict[str, torch.Tensor], path: Pa
             for name, param in layer.named_parameters(recurse=False):
                 key = f"features.{index}.{name}"
                 if state[key].shape != param.shape:
-                    raise ConfigError(f"model.perceptual_weights: '{path}' is not a torchvision vgg16 state dict "
-                                      f"({key} has shape {tuple(state[key].shape)})")
+                    raise ConfigError(
+                        f"model.perceptual_weights: '{path}' is not a torchvision vgg16 state dict "
+                        f"({key} has shape {tuple(state[key].shape)})"
+                    )
                 param.data.copy_(state[key])
 
 

@@ -39,7 +39,7 @@ forward (the vertical convs, row by row) plus H*W one-column steps; the naive pa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +71,13 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
-def draw_codes(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0) -> torch.Tensor:
+def draw_codes(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
     """One categorical draw per row of logits [num, K] by the Gumbel-max trick.
 
     The uniforms are drawn on the CPU (generator must be a CPU generator) whatever the device of
@@ -116,7 +121,9 @@ class GatedLayer(nn.Module):
         self.register_buffer("vmask", vmask, persistent=False)
         self.register_buffer("hmask", hmask, persistent=False)
 
-    def vertical_out(self, v_padded: torch.Tensor, cond_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def vertical_out(
+        self, v_padded: torch.Tensor, cond_features: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertical stack on a stream already padded by p rows on top and p columns either side.
 
         Returns (gated vertical output, link bias for the horizontal stack), both over the unpadded rows.
@@ -140,7 +147,9 @@ class GatedLayer(nn.Module):
         out = F.linear(gate(pre + link_bias), self.residual.weight.flatten(1), self.residual.bias)
         return out + window[:, :, 0, -1] if self.mask_type == "B" else out
 
-    def forward(self, v: torch.Tensor, h: torch.Tensor, cond_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, v: torch.Tensor, h: torch.Tensor, cond_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pad
         v_out, link_bias = self.vertical_out(F.pad(v, (p, p, p, 0)), cond_features)
         return v_out, self.horizontal_out(F.pad(h, (p, 0, 0, 0)), link_bias)
@@ -149,11 +158,20 @@ class GatedLayer(nn.Module):
 class GatedPixelCNN(nn.Module):
     """Autoregressive prior p(codes | cond) over a [H, W] grid of codes in raster order."""
 
-    def __init__(self, num_codes: int, channels: int = 128, num_layers: int = 12, kernel_size: int = 5,
-                 cond_codes: int = 0, cond_scale: int = 2):
+    def __init__(
+        self,
+        num_codes: int,
+        channels: int = 128,
+        num_layers: int = 12,
+        kernel_size: int = 5,
+        cond_codes: int = 0,
+        cond_scale: int = 2,
+    ):
         super().__init__()
         if num_codes < 2 or channels < 1 or num_layers < 1:
-            raise ValueError(f"need num_codes >= 2, channels >= 1, num_layers >= 1; got {num_codes}, {channels}, {num_layers}")
+            raise ValueError(
+                f"need num_codes >= 2, channels >= 1, num_layers >= 1; got {num_codes}, {channels}, {num_layers}"
+            )
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         if cond_codes < 0 or cond_scale < 1:
@@ -165,9 +183,12 @@ class GatedPixelCNN(nn.Module):
         self.cond_scale = cond_scale
         self.embed = nn.Embedding(num_codes, channels)
         self.layers = nn.ModuleList(
-            GatedLayer(channels, kernel_size, "A" if n == 0 else "B", conditional=cond_codes > 0) for n in range(num_layers)
+            GatedLayer(channels, kernel_size, "A" if n == 0 else "B", conditional=cond_codes > 0)
+            for n in range(num_layers)
         )
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, num_codes, 1))
+        self.head = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, num_codes, 1)
+        )
         if cond_codes:
             self.cond_embed = nn.Embedding(cond_codes, channels)
             self.cond_net = nn.Sequential(
@@ -188,7 +209,9 @@ class GatedPixelCNN(nn.Module):
             raise ValueError(f"this GatedPixelCNN is conditional (cond_codes={self.cond_codes}): pass cond")
         s = self.cond_scale
         if cond.dim() != 3 or cond.shape[0] != batch or (cond.shape[1] * s, cond.shape[2] * s) != (height, width):
-            raise ValueError(f"cond must be [{batch}, {height}/{s}, {width}/{s}] for a {height}x{width} grid, got {list(cond.shape)}")
+            raise ValueError(
+                f"cond must be [{batch}, {height}/{s}, {width}/{s}] for a {height}x{width} grid, got {list(cond.shape)}"
+            )
         x = self.cond_net(self.cond_embed(cond).permute(0, 3, 1, 2).contiguous())
         return F.interpolate(x, scale_factor=s, mode="nearest") if s > 1 else x
 
@@ -207,9 +230,17 @@ class GatedPixelCNN(nn.Module):
         return F.cross_entropy(self(codes, cond).float(), codes)
 
     @torch.no_grad()
-    def sample(self, num: int, height: int, width: int, cond: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0,
-               fast: bool = True) -> torch.Tensor:
+    def sample(
+        self,
+        num: int,
+        height: int,
+        width: int,
+        cond: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        fast: bool = True,
+    ) -> torch.Tensor:
         """num grids of codes [num, H, W] on the model's device.
 
         generator: a CPU generator (the uniforms are drawn on the CPU, see `draw_codes`).
@@ -228,7 +259,9 @@ class GatedPixelCNN(nn.Module):
         return self._decode(num, height, width, cond, choose, fast)
 
     @torch.no_grad()
-    def _decode(self, num: int, height: int, width: int, cond: torch.Tensor | None, choose: Chooser, fast: bool) -> torch.Tensor:
+    def _decode(
+        self, num: int, height: int, width: int, cond: torch.Tensor | None, choose: Chooser, fast: bool
+    ) -> torch.Tensor:
         if num < 1 or height < 1 or width < 1:
             raise ValueError(f"need num, height, width >= 1; got {num}, {height}, {width}")
         device = self.embed.weight.device
@@ -237,7 +270,9 @@ class GatedPixelCNN(nn.Module):
         decode = self._decode_fast if fast else self._decode_naive
         return decode(num, height, width, cond, choose)
 
-    def _decode_naive(self, num: int, height: int, width: int, cond: torch.Tensor | None, choose: Chooser) -> torch.Tensor:
+    def _decode_naive(
+        self, num: int, height: int, width: int, cond: torch.Tensor | None, choose: Chooser
+    ) -> torch.Tensor:
         """Reference: a full forward over the whole grid for every position."""
         codes = torch.zeros(num, height, width, dtype=torch.long, device=self.embed.weight.device)
         for i in range(height):
@@ -245,7 +280,9 @@ class GatedPixelCNN(nn.Module):
                 codes[:, i, j] = choose(i, j, self(codes, cond)[:, :, i, j])
         return codes
 
-    def _decode_fast(self, num: int, height: int, width: int, cond: torch.Tensor | None, choose: Chooser) -> torch.Tensor:
+    def _decode_fast(
+        self, num: int, height: int, width: int, cond: torch.Tensor | None, choose: Chooser
+    ) -> torch.Tensor:
         """Vertical stacks once per row, then per position one column of each horizontal stack, and the head."""
         weight = self.embed.weight
         codes = torch.zeros(num, height, width, dtype=torch.long, device=weight.device)

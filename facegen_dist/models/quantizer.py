@@ -81,8 +81,18 @@ class VectorQuantizer(nn.Module):
     Returns (quantized with straight-through gradient, indices [B, H, W], loss, stats).
     """
 
-    def __init__(self, num_codes: int, dim: int, beta: float = 0.25, update: str = "ema", decay: float = 0.99,
-                 kmeans_init: bool = True, dead_code_steps: int = 0, cosine: bool = False, eps: float = 1e-5):
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        beta: float = 0.25,
+        update: str = "ema",
+        decay: float = 0.99,
+        kmeans_init: bool = True,
+        dead_code_steps: int = 0,
+        cosine: bool = False,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         if update not in ("ema", "loss"):
             raise ValueError(f"codebook update '{update}' is not one of ema, loss")
@@ -175,7 +185,9 @@ class VectorQuantizer(nn.Module):
         sums = _all_reduce_sum(sums)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total  # Laplace: no division by 0
+        smoothed = (
+            (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
+        )  # Laplace: no division by 0
         codes = self.embed_sum / smoothed.unsqueeze(1)
         self.codebook.data.copy_(F.normalize(codes, dim=1) if self.cosine else codes)
 
@@ -209,4 +221,6 @@ class VectorQuantizer(nn.Module):
         return self.cluster_size.detach().clone()
 
     def extra_repr(self) -> str:
-        return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, update={self.update}, cosine={self.cosine}"
+        return (
+            f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, update={self.update}, cosine={self.cosine}"
+        )

@@ -78,7 +78,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).reshape(batch, 1, channels, height * width).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        q, k, v = (
+            conv(h).reshape(batch, 1, channels, height * width).transpose(2, 3) for conv in (self.q, self.k, self.v)
+        )
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         h = h.transpose(2, 3).reshape(batch, channels, height, width)
         return x + self.proj_out(h)
@@ -121,8 +123,17 @@ class _Blocks(nn.Module):
 class Encoder(_Blocks):
     """Image [B, 3, H, W] in [-1, 1] -> latent [B, z_channels, H/f, W/f], f = 2**(len(ch_mult)-1)."""
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
-                 resolution: int, z_channels: int, dropout: float = 0.0, in_channels: int = 3):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attn_resolutions: tuple[int, ...],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        in_channels: int = 3,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         current, widths = resolution, (1, *ch_mult)
@@ -160,8 +171,17 @@ class Encoder(_Blocks):
 class Decoder(_Blocks):
     """Latent [B, z_channels, h, w] -> image [B, 3, h*f, w*f] in about [-1, 1] (not clamped)."""
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
-                 resolution: int, z_channels: int, dropout: float = 0.0, out_channels: int = 3):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attn_resolutions: tuple[int, ...],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        out_channels: int = 3,
+    ):
         super().__init__()
         block_in = ch * ch_mult[-1]
         current = resolution // 2 ** (len(ch_mult) - 1)
@@ -204,14 +224,30 @@ class VQGAN(OneGridVQ):
     blocks; the middle blocks always have one. Same interface as `VQVAE`.
     """
 
-    def __init__(self, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
-                 attn_resolutions: tuple[int, ...] = (16,), resolution: int = 256, embed_dim: int = 256,
-                 z_channels: int = 256, dropout: float = 0.0, quant: dict | None = None):
+    def __init__(
+        self,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        resolution: int = 256,
+        embed_dim: int = 256,
+        z_channels: int = 256,
+        dropout: float = 0.0,
+        quant: dict | None = None,
+    ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         self.downsample = 2 ** (len(ch_mult) - 1)
-        shape = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
-                     resolution=resolution, z_channels=z_channels, dropout=dropout)
+        shape = dict(
+            ch=ch,
+            ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=attn_resolutions,
+            resolution=resolution,
+            z_channels=z_channels,
+            dropout=dropout,
+        )
         self.encoder = Encoder(**shape)
         self.decoder = Decoder(**shape)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
@@ -228,4 +264,3 @@ class VQGAN(OneGridVQ):
 
     def decode(self, quantized: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quantized["bottom"])) * 0.5 + 0.5
-

@@ -22,7 +22,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, hidden: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +46,15 @@ class Encoder(nn.Module):
     2x top encoder narrows there (channels // 2, then the 3x3 conv widens back to `channels`).
     """
 
-    def __init__(self, in_channels: int, channels: int, res_blocks: int, res_channels: int, factor: int, last_stride_channels: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        res_blocks: int,
+        res_channels: int,
+        factor: int,
+        last_stride_channels: int = 0,
+    ):
         super().__init__()
         steps, layers, width = _halvings(factor), [], in_channels
         for index in range(steps):
@@ -61,7 +72,9 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """`factor`x up: a 3x3 conv, residual blocks, stride-2 4x4 transposed convs."""
 
-    def __init__(self, in_channels: int, out_channels: int, channels: int, res_blocks: int, res_channels: int, factor: int):
+    def __init__(
+        self, in_channels: int, out_channels: int, channels: int, res_blocks: int, res_channels: int, factor: int
+    ):
         super().__init__()
         steps = _halvings(factor)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1)]
@@ -123,8 +136,15 @@ class OneGridVQ(nn.Module):
 class VQVAE(OneGridVQ):
     """One code grid at 1/`downsample` of the image."""
 
-    def __init__(self, channels: int = 128, res_blocks: int = 2, res_channels: int = 32, embed_dim: int = 64,
-                 downsample: int = 4, quant: dict | None = None):
+    def __init__(
+        self,
+        channels: int = 128,
+        res_blocks: int = 2,
+        res_channels: int = 32,
+        embed_dim: int = 64,
+        downsample: int = 4,
+        quant: dict | None = None,
+    ):
         super().__init__()
         self.downsample = downsample
         self.encoder = Encoder(3, channels, res_blocks, res_channels, downsample)
@@ -148,8 +168,16 @@ class VQVAE2(nn.Module):
 
     levels = ("top", "bottom")
 
-    def __init__(self, channels: int = 128, res_blocks: int = 2, res_channels: int = 32, embed_dim: int = 64,
-                 downsample: int = 4, quant: dict | None = None, top_encoder_channels: int = 0):
+    def __init__(
+        self,
+        channels: int = 128,
+        res_blocks: int = 2,
+        res_channels: int = 32,
+        embed_dim: int = 64,
+        downsample: int = 4,
+        quant: dict | None = None,
+        top_encoder_channels: int = 0,
+    ):
         super().__init__()
         quant = quant or {}
         self.downsample = downsample
@@ -201,7 +229,9 @@ class VQVAE2(nn.Module):
         return self.decoder(joined) * 0.5 + 0.5
 
     def decode_codes(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.decode({"top": self.quantize_top.lookup(codes["top"]), "bottom": self.quantize_bottom.lookup(codes["bottom"])})
+        return self.decode(
+            {"top": self.quantize_top.lookup(codes["top"]), "bottom": self.quantize_bottom.lookup(codes["bottom"])}
+        )
 
     def forward(self, images: torch.Tensor):
         quantized, indices, loss, stats = self.encode(images)

@@ -11,7 +11,11 @@ prefix from state_dict keys, so checkpoints read the same with or without it.
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 
 from facegen_dist.errors import ConfigError
 
@@ -33,7 +37,9 @@ def checkpoint_blocks(modules: dict[str, nn.Module], block_types: tuple[type[nn.
 
     for module in modules.values():
         apply_activation_checkpointing(
-            module, checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT), check_fn=check,
+            module,
+            checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=check,
         )
     return count
 

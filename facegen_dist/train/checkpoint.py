@@ -117,7 +117,10 @@ def ema_file(name: str) -> str:
 def save_ema(folder: Path, emas: dict) -> None:
     for name, ema in emas.items():
         # clone: safetensors refuses tensors that share storage; the EMA's own counters are tensors too
-        save_file({key: value.detach().cpu().clone().contiguous() for key, value in ema.state_dict().items()}, str(folder / ema_file(name)))
+        save_file(
+            {key: value.detach().cpu().clone().contiguous() for key, value in ema.state_dict().items()},
+            str(folder / ema_file(name)),
+        )
 
 
 def load_ema_state(folder: Path, name: str, index: int) -> dict[str, torch.Tensor]:
@@ -162,8 +165,15 @@ def rank_file(name: str, rank: int) -> str:
     return f"{name}_{rank}.json"
 
 
-def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, modules: dict[str, torch.nn.Module], emas: dict,
-                    per_rank: dict[str, dict] | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    root: Path,
+    trainer_state: dict,
+    keep: int,
+    modules: dict[str, torch.nn.Module],
+    emas: dict,
+    per_rank: dict[str, dict] | None = None,
+) -> Path:
     """Write a checkpoint for `trainer_state['images_seen']`; every rank must call this. `per_rank`: JSON files each rank writes."""
     assert_finite(modules)
     name = checkpoint_name(trainer_state["images_seen"])
@@ -182,7 +192,10 @@ def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, mod
             # DeepSpeed's save_state writes its own engine files; add the model.safetensors files a DDP
             # checkpoint has, so that sampling, evaluation and code extraction read every run alike.
             for index, weights in enumerate(full_weights or []):
-                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"model{'' if index == 0 else f'_{index}'}.safetensors"))
+                save_file(
+                    {k: v.contiguous() for k, v in weights.items()},
+                    str(tmp / f"model{'' if index == 0 else f'_{index}'}.safetensors"),
+                )
             save_ema(tmp, emas)
             _write_json_synced(tmp / STATE_FILE, {**trainer_state, "checkpoint_format": FORMAT})
             write_manifest(tmp, trainer_state["images_seen"])
@@ -191,7 +204,9 @@ def save_checkpoint(accelerator, root: Path, trainer_state: dict, keep: int, mod
             shutil.rmtree(tmp, ignore_errors=True)
             previous = list_checkpoints(root)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            raise FacegenError(f"no space left on {root} while writing {name}; {kept}: free space and rerun the same command") from None
+            raise FacegenError(
+                f"no space left on {root} while writing {name}; {kept}: free space and rerun the same command"
+            ) from None
         raise
     if accelerator.is_main_process:
         if final.exists():

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 
 from facegen_dist.config import to_dict, to_yaml
 from facegen_dist.data.codes import image_dir, is_code_dataset
-from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.pipeline import StreamSpec, continue_after, make_train_loader, read_images
+from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import read_manifest, split_shards
 from facegen_dist.dist.sync import parameter_checksums
 from facegen_dist.errors import ConfigError, FacegenError
@@ -42,10 +42,16 @@ from facegen_dist.methods import build_method
 from facegen_dist.train import strategy, universal_checkpoint
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.checkpoint import (
-    checkpoint_folders, checkpoint_problem, list_checkpoints, load_ema_state, rank_file, read_trainer_state, save_checkpoint,
+    checkpoint_folders,
+    checkpoint_problem,
+    list_checkpoints,
+    load_ema_state,
+    rank_file,
+    read_trainer_state,
+    save_checkpoint,
 )
-from facegen_dist.train.resume_checks import changed_shapes, non_finite_parameter
 from facegen_dist.train.preemption import PreemptionWatcher
+from facegen_dist.train.resume_checks import changed_shapes, non_finite_parameter
 from facegen_dist.train.schedule import lr_factor
 
 
@@ -134,7 +140,9 @@ class Trainer:
         self.method.prepare_training()
         self.phases = self.method.phases()
         self.ema = {
-            name: EMA(modules[name], beta=cfg.train.ema_beta, update_after_step=0, update_every=1, include_online_model=False)
+            name: EMA(
+                modules[name], beta=cfg.train.ema_beta, update_after_step=0, update_every=1, include_online_model=False
+            )
             for name in self.method.ema_modules()
         }
         # Fused (one kernel for all parameters) on CUDA; DeepSpeed steps its own flattened partitions instead.
@@ -145,7 +153,7 @@ class Trainer:
         prepared = acc.prepare(*[modules[n] for n in names], *[optimizers[n] for n in phase_names])
         self.modules = dict(zip(names, prepared[: len(names)]))
         self.exact_allreduce = strategy.make_gradient_reduction_exact(acc, cfg, self.modules)
-        self.optimizers = dict(zip(phase_names, prepared[len(names):]))
+        self.optimizers = dict(zip(phase_names, prepared[len(names) :]))
         for ema in self.ema.values():
             ema.to(acc.device)  # saved as ema_<name>.safetensors by checkpoint.py, never pickled
 
@@ -160,7 +168,9 @@ class Trainer:
         self.final_images = self.state.images_seen + remaining_steps * self.images_per_step
         self.dead_window = min(cfg.train.dead_run_steps, remaining_steps) if cfg.train.dead_run_steps > 0 else 0
         self.stats = StatsCollector()
-        if self._partial_stats is not None:  # the stats since the last log row, so that the next row averages what it would have
+        if (
+            self._partial_stats is not None
+        ):  # the stats since the last log row, so that the next row averages what it would have
             self.stats.load_state(self._partial_stats)
         self.extractor = self._eval_extractor()
         self.logger = self._make_logger()
@@ -173,14 +183,24 @@ class Trainer:
         metrics = check_metrics(list(cfg.eval.metrics))
         sample_metrics = [m for m in metrics if METRICS[m].needs == "samples"]
         if sample_metrics and not self.method.can_sample():
-            raise ConfigError(f"eval.metrics: {', '.join(sample_metrics)} need samples and a '{cfg.model.name}' run draws none; use rfid, psnr, ssim, sharpness")
+            raise ConfigError(
+                f"eval.metrics: {', '.join(sample_metrics)} need samples and a '{cfg.model.name}' run draws none; use rfid, psnr, ssim, sharpness"
+            )
         needs = [m for m in metrics if m in FEATURE_METRICS]
-        return build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.image_dir).get("name")) if needs else None
+        return (
+            build_extractor(cfg.eval, needs, self.accelerator.device, read_manifest(self.image_dir).get("name"))
+            if needs
+            else None
+        )
 
     def _fresh_state(self) -> TrainerState:
         cfg = self.cfg
-        return TrainerState(world_size=self.accelerator.num_processes, num_workers=cfg.data.num_workers, batch_size=cfg.train.batch_size,
-                            shuffle_group=cfg.data.shuffle_group)
+        return TrainerState(
+            world_size=self.accelerator.num_processes,
+            num_workers=cfg.data.num_workers,
+            batch_size=cfg.train.batch_size,
+            shuffle_group=cfg.data.shuffle_group,
+        )
 
     def _resume(self) -> Path | None:
         """Load the newest sound checkpoint, skipping damaged ones with one line each; refuse if there are some and none is sound."""
@@ -197,8 +217,10 @@ class Trainer:
             if acc.is_main_process:
                 print(f"facegen: warning: checkpoint {folder} skipped: {problem}", file=sys.stderr, flush=True)
         if folders:
-            raise FacegenError(f"{self.ckpt_root}: none of its {len(folders)} checkpoints can be resumed ({'; '.join(rejected)}); "
-                               f"move the folder away to start from scratch")
+            raise FacegenError(
+                f"{self.ckpt_root}: none of its {len(folders)} checkpoints can be resumed ({'; '.join(rejected)}); "
+                f"move the folder away to start from scratch"
+            )
         return None
 
     def _agree(self, ok: bool) -> bool:
@@ -216,15 +238,21 @@ class Trainer:
         if not self.deepspeed:
             changed = changed_shapes(self.modules, folder, acc.unwrap_model)
             if changed:  # a config change, not damage: older checkpoints have the same shapes
-                raise ConfigError(f"{folder}: the model's shape differs from the checkpoint's ({changed}); resume with the run's own model.* settings")
+                raise ConfigError(
+                    f"{folder}: the model's shape differs from the checkpoint's ({changed}); resume with the run's own model.* settings"
+                )
         universal = None
         if self.deepspeed and saved.get("world_size", acc.num_processes) != acc.num_processes:
             universal = self.run_dir / ".universal" / folder.name  # on storage every node sees
             failure = universal_checkpoint.convert(folder, universal) if acc.is_main_process else None
             if not self._agree(failure is None):
-                raise ConfigError(f"{folder}: written by {saved['world_size']} DeepSpeed processes; converting it to a universal checkpoint "
-                                  f"for {acc.num_processes} failed ({failure or 'on rank 0'}); resume with {saved['world_size']} processes")
-            self._resume_notes.append(f"DeepSpeed state re-partitioned from {saved['world_size']} to {acc.num_processes} processes (universal checkpoint)")
+                raise ConfigError(
+                    f"{folder}: written by {saved['world_size']} DeepSpeed processes; converting it to a universal checkpoint "
+                    f"for {acc.num_processes} failed ({failure or 'on rank 0'}); resume with {saved['world_size']} processes"
+                )
+            self._resume_notes.append(
+                f"DeepSpeed state re-partitioned from {saved['world_size']} to {acc.num_processes} processes (universal checkpoint)"
+            )
         try:
             with universal_checkpoint.loading_from(acc, universal) if universal else contextlib.nullcontext():
                 acc.load_state(str(folder))
@@ -249,26 +277,44 @@ class Trainer:
         previous = TrainerState(**{k: v for k, v in saved.items() if k in known})
         previous.batch_size = previous.batch_size or cfg.train.batch_size
         previous.shuffle_group = previous.shuffle_group or cfg.data.shuffle_group
-        state = self.state = TrainerState(**{**asdict(previous), "world_size": acc.num_processes, "num_workers": cfg.data.num_workers,
-                                             "batch_size": cfg.train.batch_size, "shuffle_group": cfg.data.shuffle_group})
+        state = self.state = TrainerState(
+            **{
+                **asdict(previous),
+                "world_size": acc.num_processes,
+                "num_workers": cfg.data.num_workers,
+                "batch_size": cfg.train.batch_size,
+                "shuffle_group": cfg.data.shuffle_group,
+            }
+        )
         old_layout = (previous.world_size, previous.num_workers, previous.batch_size, previous.shuffle_group)
         new_layout = (acc.num_processes, cfg.data.num_workers, cfg.train.batch_size, cfg.data.shuffle_group)
         if old_layout == new_layout:  # the stream continues exactly where it stopped
             stats_file = folder / rank_file("stats", acc.process_index)
             self._partial_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
             return
-        old_stream = StreamSpec(tuple(self.train_shards), cfg.data.resolution, previous.batch_size, seed=cfg.run.seed,
-                                world_size=previous.world_size, num_workers=previous.num_workers, start_batch=previous.batches_consumed,
-                                shuffle_group=previous.shuffle_group, sequence_offset=previous.data_offset)
+        old_stream = StreamSpec(
+            tuple(self.train_shards),
+            cfg.data.resolution,
+            previous.batch_size,
+            seed=cfg.run.seed,
+            world_size=previous.world_size,
+            num_workers=previous.num_workers,
+            start_batch=previous.batches_consumed,
+            shuffle_group=previous.shuffle_group,
+            sequence_offset=previous.data_offset,
+        )
         state.data_offset, skipped = continue_after(old_stream)
         state.batches_consumed = 0
         names = "processes x data workers x batch x shuffle group"
         self._resume_notes.append(
             f"data layout changed ({names}: {' x '.join(map(str, old_layout))} -> {' x '.join(map(str, new_layout))}): the stream goes on "
             f"at shard position {state.data_offset}, after every shard already begun; no image read is read again in this pass, "
-            f"{skipped} unread images of the shards in flight are skipped")
+            f"{skipped} unread images of the shards in flight are skipped"
+        )
         if acc.num_processes > previous.world_size:
-            self._resume_notes.append(f"ranks {previous.world_size}..{acc.num_processes - 1} had no RNG state in {folder.name}: they start with fresh noise")
+            self._resume_notes.append(
+                f"ranks {previous.world_size}..{acc.num_processes - 1} had no RNG state in {folder.name}: they start with fresh noise"
+            )
 
     def _make_logger(self):
         acc, cfg = self.accelerator, self.cfg
@@ -284,13 +330,25 @@ class Trainer:
         config_path.write_text(to_yaml(cfg))
         truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         logger = RunLogger(
-            self.run_dir, to_dict(cfg), total_images=self.final_images, images_seen=self.state.images_seen,
-            wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project, wandb_run_id=self.state.wandb_run_id, progress=cfg.log.progress,
+            self.run_dir,
+            to_dict(cfg),
+            total_images=self.final_images,
+            images_seen=self.state.images_seen,
+            wandb_mode=cfg.log.wandb,
+            wandb_project=cfg.log.wandb_project,
+            wandb_run_id=self.state.wandb_run_id,
+            progress=cfg.log.progress,
         )
         self.state.wandb_run_id = logger.wandb_run_id
         if self.resumed_from is not None:
-            restarts = f" (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']})" if "SLURM_RESTART_COUNT" in os.environ else ""
-            logger.write(f"facegen: resumed from {self.resumed_from} at {self.state.images_seen} images (step {self.state.step}){restarts}")
+            restarts = (
+                f" (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']})"
+                if "SLURM_RESTART_COUNT" in os.environ
+                else ""
+            )
+            logger.write(
+                f"facegen: resumed from {self.resumed_from} at {self.state.images_seen} images (step {self.state.step}){restarts}"
+            )
             for note in self._resume_notes:
                 logger.write(f"facegen: note: {note}")
         return logger
@@ -299,7 +357,13 @@ class Trainer:
 
     def _set_lr(self) -> float:
         cfg = self.cfg
-        factor = lr_factor(self.state.images_seen, cfg.train.total_images, cfg.optim.warmup_images, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+        factor = lr_factor(
+            self.state.images_seen,
+            cfg.train.total_images,
+            cfg.optim.warmup_images,
+            cfg.optim.schedule,
+            cfg.optim.min_lr_ratio,
+        )
         for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
                 group["lr"] = self.base_lr[name] * factor
@@ -319,7 +383,9 @@ class Trainer:
         for index, images in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with contextlib.ExitStack() as stack:
-                if self.deepspeed:  # the engine accumulates, divides by its accumulation count and steps at the boundary
+                if (
+                    self.deepspeed
+                ):  # the engine accumulates, divides by its accumulation count and steps at the boundary
                     acc.sync_gradients = last
                 elif not last:  # accumulate locally; all-reduce gradients once, on the last micro-batch
                     for module in phase_modules:
@@ -380,7 +446,9 @@ class Trainer:
         else:
             self.state.skipped_steps += 1
             self._skip_streak += 1
-            self.logger.write(f"facegen: warning: non-finite loss or gradient at step {self.state.step}; step skipped ({self.state.skipped_steps} so far)")
+            self.logger.write(
+                f"facegen: warning: non-finite loss or gradient at step {self.state.step}; step skipped ({self.state.skipped_steps} so far)"
+            )
             if self.dead_window and self._skip_streak >= self.dead_window:  # the same on every rank: the decision is
                 self._stop_dead_run()
         self.state.step += 1
@@ -390,7 +458,9 @@ class Trainer:
 
     # ---- periodic work ---------------------------------------------------------------------
 
-    def _log(self, interval_images: int, interval_seconds: float, data_wait: float, evaluated: dict[str, float]) -> dict:
+    def _log(
+        self, interval_images: int, interval_seconds: float, data_wait: float, evaluated: dict[str, float]
+    ) -> dict:
         acc = self.accelerator
         stats = self.stats.reduce(acc)
         bad = acc.reduce(torch.tensor(float(self._bad_samples_local), device=acc.device), reduction="sum")
@@ -414,7 +484,10 @@ class Trainer:
 
     def eval_modules(self) -> dict[str, torch.nn.Module]:
         """EMA copies where the method has them, else the raw modules; in eval mode."""
-        modules = {name: self.ema[name].ema_model if name in self.ema else self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
+        modules = {
+            name: self.ema[name].ema_model if name in self.ema else self.accelerator.unwrap_model(m)
+            for name, m in self.modules.items()
+        }
         for module in modules.values():
             module.eval()
         return modules
@@ -444,10 +517,24 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         """In-training evaluation on every rank (small N); values go into this step's log row."""
         cfg = self.cfg
-        context = {"run": cfg.run.name, "checkpoint": "in-training", "images_seen": self.state.images_seen, "ema": bool(self.ema)}
+        context = {
+            "run": cfg.run.name,
+            "checkpoint": "in-training",
+            "images_seen": self.state.images_seen,
+            "ema": bool(self.ema),
+        }
         record = evaluate(
-            self.accelerator, self.method, self.eval_modules(), self.image_dir, cfg.eval, cfg.data.resolution,
-            self.extractor, list(cfg.eval.metrics), cfg.eval.during_training_num, context, self.run_dir / "eval",
+            self.accelerator,
+            self.method,
+            self.eval_modules(),
+            self.image_dir,
+            cfg.eval,
+            cfg.data.resolution,
+            self.extractor,
+            list(cfg.eval.metrics),
+            cfg.eval.during_training_num,
+            context,
+            self.run_dir / "eval",
         )
         for module in self.modules.values():
             module.train()
@@ -456,8 +543,15 @@ class Trainer:
     def _checkpoint(self) -> Path:
         self.state.train_seconds += time.perf_counter() - self._segment_start
         self._segment_start = time.perf_counter()
-        return save_checkpoint(self.accelerator, self.ckpt_root, asdict(self.state), self.cfg.train.keep_checkpoints, self.modules, self.ema,
-                               per_rank={"stats": self.stats.state()})
+        return save_checkpoint(
+            self.accelerator,
+            self.ckpt_root,
+            asdict(self.state),
+            self.cfg.train.keep_checkpoints,
+            self.modules,
+            self.ema,
+            per_rank={"stats": self.stats.state()},
+        )
 
     def _stop_dead_run(self) -> None:
         """Every rank raises at the same step (skips are decided on all-reduced gradients); no checkpoint of this stretch is written."""
@@ -465,7 +559,8 @@ class Trainer:
         kept = f"the newest checkpoint, {newest[-1]}, is untouched" if newest else "no checkpoint was written"
         raise FacegenError(
             f"dead run: the last {self._skip_streak} steps were all non-finite (NaN/inf loss or gradient), up to step {self.state.step} "
-            f"at {self.state.images_seen} images; {kept}. Lower optim.lr, check the data, or try train.precision=no")
+            f"at {self.state.images_seen} images; {kept}. Lower optim.lr, check the data, or try train.precision=no"
+        )
 
     def _stop_for_preemption(self, checkpoint: Path | None) -> dict:
         """Every rank is here at the same step: checkpoint (unless this step already wrote one) and stop."""
@@ -484,11 +579,23 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         self._bad_samples_local, self._skip_streak = 0, 0
         self._segment_start = time.perf_counter()
-        val_images = read_images(self.val_shards, cfg.log.num_grid_images, cfg.data.resolution)[0] if acc.is_main_process else None
+        val_images = (
+            read_images(self.val_shards, cfg.log.num_grid_images, cfg.data.resolution)[0]
+            if acc.is_main_process
+            else None
+        )
         spec = StreamSpec(
-            tuple(self.train_shards), cfg.data.resolution, cfg.train.batch_size, seed=cfg.run.seed,
-            rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
-            start_batch=state.batches_consumed, shuffle_group=cfg.data.shuffle_group, hflip=cfg.data.hflip, code_levels=self.code_levels,
+            tuple(self.train_shards),
+            cfg.data.resolution,
+            cfg.train.batch_size,
+            seed=cfg.run.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            num_workers=cfg.data.num_workers,
+            start_batch=state.batches_consumed,
+            shuffle_group=cfg.data.shuffle_group,
+            hflip=cfg.data.hflip,
+            code_levels=self.code_levels,
             sequence_offset=state.data_offset,
         )
         data_iter = iter(make_train_loader(spec, pin_memory=acc.device.type == "cuda"))
@@ -509,8 +616,12 @@ class Trainer:
                     evaluated = self._evaluate()
                     eval_seconds = time.perf_counter() - eval_start
                 if _crossed(seen, per_step, cfg.train.log_every_images) or final or evaluated:
-                    last_row = self._log(interval_images, time.perf_counter() - interval_start - eval_seconds, interval_wait, evaluated)
-                    self.logger.advance(0, {k: f"{v:.4g}" for k, v in last_row.items() if k in ("loss", "mse", "kl", "img_per_s")})
+                    last_row = self._log(
+                        interval_images, time.perf_counter() - interval_start - eval_seconds, interval_wait, evaluated
+                    )
+                    self.logger.advance(
+                        0, {k: f"{v:.4g}" for k, v in last_row.items() if k in ("loss", "mse", "kl", "img_per_s")}
+                    )
                     interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
                 if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
                     self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
@@ -569,7 +680,9 @@ def run(cfg, preemption: PreemptionWatcher | None = None) -> dict:
         raise
     try:
         if trainer.state.images_seen >= cfg.train.total_images:
-            trainer.logger.write(f"facegen: {trainer.run_dir} is already complete ({trainer.state.images_seen} images); nothing to do")
+            trainer.logger.write(
+                f"facegen: {trainer.run_dir} is already complete ({trainer.state.images_seen} images); nothing to do"
+            )
             trainer.logger.close()
             return {}
         result = trainer.fit()

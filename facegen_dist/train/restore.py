@@ -25,8 +25,13 @@ class RestoredRun:
     ema: bool
 
 
-def restore_run(run_dir: str | Path, overrides: list[str] | None = None, device: torch.device | str = "cpu", use_ema: bool = True,
-                checkpoint_name: str = "") -> RestoredRun:
+def restore_run(
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    use_ema: bool = True,
+    checkpoint_name: str = "",
+) -> RestoredRun:
     """The newest checkpoint of `run_dir` (or the one named), EMA weights where the method keeps them (unless use_ema=False)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -50,7 +55,11 @@ def restore_run(run_dir: str | Path, overrides: list[str] | None = None, device:
     for index, name in enumerate(ema_names):
         state = load_ema_state(checkpoint, name, index)
         prefix = "ema_model."
-        modules[name].load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
+        modules[name].load_state_dict(
+            {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        )
     for module in modules.values():
         module.to(device).eval().requires_grad_(False)
-    return RestoredRun(run_dir, cfg, method, modules, checkpoint, read_trainer_state(checkpoint)["images_seen"], bool(ema_names))
+    return RestoredRun(
+        run_dir, cfg, method, modules, checkpoint, read_trainer_state(checkpoint)["images_seen"], bool(ema_names)
+    )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 
 
-def changed_shapes(modules: dict[str, torch.nn.Module], folder: Path, unwrap: Callable = lambda m: m, limit: int = 6) -> str:
+def changed_shapes(
+    modules: dict[str, torch.nn.Module], folder: Path, unwrap: Callable = lambda m: m, limit: int = 6
+) -> str:
     """'' when every module's state dict matches its model*.safetensors in keys and shapes, else the differing keys."""
     differences = []
     for index, (name, module) in enumerate(modules.items()):

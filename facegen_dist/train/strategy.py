@@ -47,29 +47,37 @@ def _allow_deepspeed_without_transformers() -> None:
 
     def set_deepspeed_weakref(plugin):
         if plugin.zero3_init_flag:
-            raise ConfigError("zero3_init_flag: true needs the transformers package; set zero3_init_flag: false in the accelerate config")
+            raise ConfigError(
+                "zero3_init_flag: true needs the transformers package; set zero3_init_flag: false in the accelerate config"
+            )
 
     DeepSpeedPlugin.set_deepspeed_weakref = set_deepspeed_weakref
 
 
 def build_accelerator(cfg) -> Accelerator:
-    kwargs = {"timeout": timedelta(minutes=60)}  # long: the first process of a node may render the embedded set while others wait
+    kwargs = {
+        "timeout": timedelta(minutes=60)
+    }  # long: the first process of a node may render the embedded set while others wait
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         _allow_deepspeed_without_transformers()
         if not torch.cuda.is_available():
             kwargs["backend"] = "gloo"  # DeepSpeed's CPU accelerator would ask for oneCCL otherwise
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if cfg.train.precision not in ("auto", launcher_precision) and launcher_precision != "no":
-        raise ConfigError(f"train.precision={cfg.train.precision} but the launcher asked for --mixed_precision {launcher_precision}: "
-                          f"drop one, or set train.precision=auto to follow the launcher")
+        raise ConfigError(
+            f"train.precision={cfg.train.precision} but the launcher asked for --mixed_precision {launcher_precision}: "
+            f"drop one, or set train.precision=auto to follow the launcher"
+        )
     accelerator = Accelerator(
         mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
         kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
     )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not is_deepspeed(accelerator):
         # accelerate drops DeepSpeed silently when ACCELERATE_USE_CPU=true is set as well (seen with 1.15).
-        raise ConfigError("the accelerate config asks for DeepSpeed but accelerate set up "
-                          f"{accelerator.distributed_type.value.lower()} (ACCELERATE_USE_CPU=true drops DeepSpeed): unset ACCELERATE_USE_CPU")
+        raise ConfigError(
+            "the accelerate config asks for DeepSpeed but accelerate set up "
+            f"{accelerator.distributed_type.value.lower()} (ACCELERATE_USE_CPU=true drops DeepSpeed): unset ACCELERATE_USE_CPU"
+        )
     launched = int(os.environ.get("WORLD_SIZE") or accelerator.num_processes)  # what torchrun/accelerate launch started
     if launched != accelerator.num_processes or (launched > 1 and accelerator.distributed_type == DistributedType.NO):
         # Seen with configs/accelerate/fsdp.yaml on a machine without a GPU: the launcher starts the
@@ -93,7 +101,10 @@ def strategy_name(accelerator: Accelerator) -> str:
     """ddp, deepspeed-zero2, fsdp, ... (single: one process, nothing wrapped)."""
     if is_deepspeed(accelerator):
         plugin = accelerator.state.deepspeed_plugin
-        offload = plugin.offload_optimizer_device not in (None, "none") or plugin.offload_param_device not in (None, "none")
+        offload = plugin.offload_optimizer_device not in (None, "none") or plugin.offload_param_device not in (
+            None,
+            "none",
+        )
         return f"deepspeed-zero{plugin.zero_stage}{'-offload' if offload else ''}"
     if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp"
@@ -121,11 +132,16 @@ def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
     ds_config["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds_config["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     ds_config["gradient_clipping"] = float(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else 0.0
-    low_precision = next((dtype for dtype in ("bf16", "fp16") if str(ds_config.get(dtype, {}).get("enabled", False)).lower() == "true"), None)
+    low_precision = next(
+        (dtype for dtype in ("bf16", "fp16") if str(ds_config.get(dtype, {}).get("enabled", False)).lower() == "true"),
+        None,
+    )
     if low_precision:  # see the module docstring
         ds_config[low_precision] = {"enabled": False}
         ds_config["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[low_precision]}
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:  # checkpoints carry whole weights for sampling (checkpoint.py)
+    if (
+        ds_config.get("zero_optimization", {}).get("stage") == 3
+    ):  # checkpoints carry whole weights for sampling (checkpoint.py)
         ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     ds_config.setdefault("steps_per_print", 10**9)  # our logger reports; DeepSpeed's own lines would interleave
     ds_config.setdefault("wall_clock_breakdown", False)
@@ -158,7 +174,9 @@ def _rank_order_mean(process_group, bucket) -> torch.futures.Future:
     return future.then(mean)
 
 
-_rank_order_mean.__annotations__["return"] = torch.futures.Future[torch.Tensor]  # DDP checks it; the future import made it a string
+_rank_order_mean.__annotations__["return"] = torch.futures.Future[
+    torch.Tensor
+]  # DDP checks it; the future import made it a string
 
 
 def use_exact_gradient_reduction(accelerator: Accelerator, cfg) -> bool:
@@ -193,7 +211,11 @@ def mixed_precision(accelerator: Accelerator) -> str:
     """no / bf16 / fp16 as this run computes (accelerate reports "no" under DeepSpeed's torch_autocast mode)."""
     if is_deepspeed(accelerator):
         autocast_cfg = accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast", {})
-        return {"bfloat16": "bf16", "float16": "fp16"}.get(autocast_cfg.get("dtype"), "no") if autocast_cfg.get("enabled") else "no"
+        return (
+            {"bfloat16": "bf16", "float16": "fp16"}.get(autocast_cfg.get("dtype"), "no")
+            if autocast_cfg.get("enabled")
+            else "no"
+        )
     return accelerator.mixed_precision
 
 
@@ -201,11 +223,15 @@ def autocast(accelerator: Accelerator):
     """The forward pass's autocast: accelerate's, or under DeepSpeed our own (see module docstring)."""
     precision = mixed_precision(accelerator)
     if is_deepspeed(accelerator) and precision != "no":
-        return torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        return torch.autocast(
+            device_type=accelerator.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
+        )
     return accelerator.autocast()
 
 
-def deepspeed_weights_for_inference(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> list[dict[str, torch.Tensor]] | None:
+def deepspeed_weights_for_inference(
+    accelerator: Accelerator, modules: dict[str, torch.nn.Module]
+) -> list[dict[str, torch.Tensor]] | None:
     """Full state dicts of the modules (gathered under ZeRO-3; every rank must call); None outside DeepSpeed,
     where save_state already writes model.safetensors."""
     if not is_deepspeed(accelerator):

@@ -23,9 +23,22 @@ def convert(folder: Path, out: Path) -> str | None:
     out.mkdir(parents=True)
     # A subprocess: the converter starts worker pools of its own, which must not inherit the process group.
     result = subprocess.run(
-        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder / ENGINE_FOLDER),
-         "--output_folder", str(out / ENGINE_FOLDER), "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(folder / ENGINE_FOLDER),
+            "--output_folder",
+            str(out / ENGINE_FOLDER),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ],
+        capture_output=True,
+        text=True,
     )
     if result.returncode == 0:
         return None
@@ -37,11 +50,15 @@ def convert(folder: Path, out: Path) -> str | None:
 @contextlib.contextmanager
 def loading_from(accelerator, universal: Path):
     """Inside: accelerate's load_state reads the engines' state from `universal` (re-partitioned), the rest from the checkpoint."""
-    engines = [model for model in accelerator._models if hasattr(model, "load_checkpoint") and hasattr(model, "_config")]
+    engines = [
+        model for model in accelerator._models if hasattr(model, "load_checkpoint") and hasattr(model, "_config")
+    ]
     for engine in engines:
         original = engine.load_checkpoint
         engine._config.load_universal_checkpoint = True
-        engine.load_checkpoint = lambda load_dir, tag=None, _original=original, **kwargs: _original(str(universal), tag, **kwargs)
+        engine.load_checkpoint = lambda load_dir, tag=None, _original=original, **kwargs: _original(
+            str(universal), tag, **kwargs
+        )
     try:
         yield
     finally:

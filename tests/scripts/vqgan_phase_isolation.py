@@ -28,7 +28,9 @@ def main() -> None:
     trainer = Trainer(load_config([], sys.argv[2:]))
     acc, method, modules = trainer.accelerator, trainer.method, trainer.modules
     phases = {phase.name: phase for phase in trainer.phases}
-    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(acc.process_index))  # different data per rank
+    images = torch.rand(
+        4, 3, 32, 32, generator=torch.Generator().manual_seed(acc.process_index)
+    )  # different data per rank
     method.begin_step(trainer.cfg.model.disc_start_images)  # the discriminator is on
 
     d_optimizer = trainer.optimizers["discriminator"]
@@ -48,7 +50,9 @@ def main() -> None:
     before = {name: snapshot(module) for name, module in modules.items()}
     trainer._run_phase(phases["generator"], [images])
     after_g = {name: snapshot(module) for name, module in modules.items()}
-    d_has_grads_after_g = any(p.grad is not None and p.grad.abs().sum() > 0 for p in modules["discriminator"].parameters())
+    d_has_grads_after_g = any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in modules["discriminator"].parameters()
+    )
     trainer._run_phase(phases["discriminator"], [images])
     after_d = {name: snapshot(module) for name, module in modules.items()}
     result = {
