@@ -1,4 +1,4 @@
-"""The README's strategy x method table, from real runs: does it run, peak memory, img/s.
+"""The strategy x method table of docs/scale.md, from real runs: does it run, peak memory, img/s.
 
     python benchmarks/strategies.py                        # 2 CPU processes (gloo), 64 px configs, short runs
     python benchmarks/strategies.py --processes 8 --gpu    # on a GPU node: one process per GPU

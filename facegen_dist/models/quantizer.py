@@ -5,7 +5,7 @@ rules: `loss` (the codebook is learnt by ||sg[z] - e||^2, van den Oord et al. 20
 (exponential moving averages of assignment counts and sums, Razavi et al. 2019). Options:
 k-means initialisation on the first training batch, dead-code restart, l2-normalised codes.
 
-Why not `vector-quantize-pytorch` (weighed, see the README's "Choices"): its loss-based mode
+Why not `vector-quantize-pytorch` (weighed, see docs/choices.md): its loss-based mode
 trains codebook and encoder with one shared weight (the paper has 1 and beta), it defaults to
 the rotation trick, and its distributed dead-code sampling broadcasts asynchronously. Here
 every cross-rank decision is made on all-reduced or all-gathered tensors with the same

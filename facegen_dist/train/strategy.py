@@ -119,7 +119,7 @@ def check_supported(accelerator: Accelerator, method, model_name: str) -> None:
     if len(phases) > 1 or len(phases[0].modules) > 1:
         raise ConfigError(
             f"model.name={model_name}: {len(phases)} optimizers ({', '.join(p.name for p in phases)}); DeepSpeed through accelerate "
-            f"runs one model with one optimizer: use configs/accelerate/ddp.yaml for this method (README: strategy table)"
+            f"runs one model with one optimizer: use configs/accelerate/ddp.yaml for this method (docs/scale.md: strategy table)"
         )
 
 
