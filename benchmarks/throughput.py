@@ -41,10 +41,10 @@ from setups import BASELINE, Levers, SegmentTimer, Setup, load_method, scratch_d
 from timing import best_of, cpu_model, git_commit
 from torch.utils.flop_counter import FlopCounterMode
 
+from facegen_dist.cluster.teardown import end_without_teardown
 from facegen_dist.data.make_avatars import make_avatar_dataset
 from facegen_dist.data.pipeline import StreamSpec, make_train_loader
 from facegen_dist.data.shards import split_shards
-from facegen_dist.dist.teardown import end_without_teardown
 
 CPU_CONFIGS = ["vae_avatars64", "vqvae2_avatars64", "vqgan_avatars64", "dcgan_avatars64", "introvae_avatars64"]
 SMOKE = {

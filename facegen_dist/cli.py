@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from facegen_dist.dist.teardown import end_without_teardown
+from facegen_dist.cluster.teardown import end_without_teardown
 from facegen_dist.errors import FacegenError
 
 
@@ -18,7 +18,7 @@ def _is_main_rank() -> bool:
 def exit_process(code: int) -> int:
     """Return `code`; in a process a distributed launcher started, end it here instead, without Python's teardown.
 
-    Why: facegen_dist.dist.teardown.end_without_teardown (gloo's threads can abort a finished run).
+    Why: facegen_dist.cluster.teardown.end_without_teardown (gloo's threads can abort a finished run).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         end_without_teardown(code)
@@ -78,7 +78,7 @@ def train_main(argv: list[str]) -> int:
             print(f"facegen: error: {message}", file=sys.stderr, flush=True)
         return 2
     if result.get("preempted") and _is_main_rank():
-        from facegen_dist.dist.slurm import after_preemption
+        from facegen_dist.cluster.slurm import after_preemption
 
         print(f"facegen: {after_preemption()}", file=sys.stderr, flush=True)
     return 0
@@ -102,8 +102,8 @@ latent_main = _delegate("facegen_dist.analysis.cli", "latent_main")
 sample_main = _delegate("facegen_dist.eval.sampling", "sample_main")
 data_main = _delegate("facegen_dist.data.cli", "data_main")
 codes_main = _delegate("facegen_dist.data.codes", "codes_main")
-launch_main = _delegate("facegen_dist.dist.slurm", "launch_main")
-submit_main = _delegate("facegen_dist.dist.submit", "submit_main")
+launch_main = _delegate("facegen_dist.cluster.slurm", "launch_main")
+submit_main = _delegate("facegen_dist.cluster.submit", "submit_main")
 report_main = _delegate("facegen_dist.analysis.report", "report_main")
 suite_main = _delegate("facegen_dist.analysis.suite", "suite_main")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Submit a training run to SLURM with submitit: the same as `facegen submit` (see facegen_dist/dist/submit.py).
+"""Submit a training run to SLURM with submitit: the same as `facegen submit` (see facegen_dist/cluster/submit.py).
 
 python launch/submit.py --config configs/vqgan_ffhq512.yaml --nodes 2 --gpus-per-node 4 --time 4:00:00 --partition gpu
 python launch/submit.py --config configs/vae_avatars64.yaml --local --cpu --tasks-per-node 2

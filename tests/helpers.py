@@ -93,11 +93,11 @@ def leave_two_rank_group(rank: int, rank1_done, queue) -> None:
     """End a spawned gloo worker of a two-rank test once it has put its result on `queue`.
 
     Rank 0 hosts the TCP store, so it leaves last; each process then ends without the interpreter's
-    teardown, which gloo's threads can abort (facegen_dist.dist.teardown), after `queue` is flushed.
+    teardown, which gloo's threads can abort (facegen_dist.cluster.teardown), after `queue` is flushed.
     """
     import torch.distributed as dist
 
-    from facegen_dist.dist.teardown import end_without_teardown
+    from facegen_dist.cluster.teardown import end_without_teardown
 
     dist.barrier()
     if rank == 0:

@@ -25,12 +25,12 @@ from accelerate.utils import set_seed
 from ema_pytorch import EMA
 from omegaconf import OmegaConf
 
+from facegen_dist.cluster.preemption import PreemptionWatcher
 from facegen_dist.config import to_dict, to_yaml
 from facegen_dist.data.codes import image_dir, is_code_dataset
 from facegen_dist.data.pipeline import StreamSpec, continue_after, make_train_loader, read_images
 from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import read_manifest, split_shards
-from facegen_dist.dist.sync import parameter_checksums
 from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
 from facegen_dist.eval.extractors import build_extractor
@@ -50,9 +50,9 @@ from facegen_dist.train.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
-from facegen_dist.train.preemption import PreemptionWatcher
 from facegen_dist.train.resume_checks import changed_shapes, non_finite_parameter
 from facegen_dist.train.schedule import lr_factor
+from facegen_dist.train.sync import parameter_checksums
 
 
 @dataclass

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from facegen_dist.cluster.teardown import end_without_teardown
 from facegen_dist.config import load_config
-from facegen_dist.dist.teardown import end_without_teardown
 from facegen_dist.train.loop import Trainer
 
 
@@ -72,4 +72,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_without_teardown(0)  # gloo's threads can abort the interpreter's teardown (facegen_dist.dist.teardown)
+    end_without_teardown(0)  # gloo's threads can abort the interpreter's teardown (facegen_dist.cluster.teardown)

@@ -8,7 +8,7 @@ and starts `accelerate launch`, which starts one process per GPU.
 Signals: SLURM signals every process of a job step. torchrun's agent inside `accelerate launch`
 would die of SIGUSR1 (no handler), taking the workers with it, so the task ignores SIGUSR1/USR2
 before starting it: the agent inherits "ignore", and each training process installs its own
-handler (train/preemption.py), checkpoints at a step boundary and exits; the launcher of node 0
+handler (cluster/preemption.py), checkpoints at a step boundary and exits; the launcher of node 0
 then requeues the job.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +44,9 @@ class Rendezvous:
 def expand_nodelist(nodelist: str) -> list[str]:
     """`node[01-03],gpu7` -> hostnames, as SLURM itself expands them."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise FacegenError(f"cannot expand SLURM_JOB_NODELIST '{nodelist}' with scontrol: {error}") from None
     return out.split()
@@ -60,7 +62,9 @@ def rendezvous(env: dict | None = None) -> Rendezvous:
     """Where the processes of this job meet: the first node of the allocation, a port derived from the job id."""
     env = os.environ if env is None else env
     if "SLURM_JOB_ID" not in env:
-        raise FacegenError("facegen launch runs inside a SLURM job (under srun); outside one, use `accelerate launch train.py`")
+        raise FacegenError(
+            "facegen launch runs inside a SLURM job (under srun); outside one, use `accelerate launch train.py`"
+        )
     num_machines = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     hosts = expand_nodelist(env["SLURM_JOB_NODELIST"]) if "SLURM_JOB_NODELIST" in env else [socket.gethostname()]
     main_ip = env.get("FACEGEN_MAIN_ADDR") or hosts[0]
@@ -83,7 +87,9 @@ def processes_per_node(requested: int, cpu: bool, env: dict | None = None) -> in
     allocated = int(env.get("SLURM_GPUS_ON_NODE") or 0)
     wanted = requested or allocated or gpus
     if gpus == 0:
-        raise FacegenError(f"no GPU visible (SLURM_GPUS_ON_NODE={allocated or 'unset'}); ask for GPUs (--gpus-per-node) or train on CPU with FACEGEN_CPU=1")
+        raise FacegenError(
+            f"no GPU visible (SLURM_GPUS_ON_NODE={allocated or 'unset'}); ask for GPUs (--gpus-per-node) or train on CPU with FACEGEN_CPU=1"
+        )
     if wanted > gpus:
         raise FacegenError(f"{wanted} processes per node asked for, {gpus} GPU(s) visible")
     return wanted
@@ -103,13 +109,27 @@ def check_train_args(train_args: list[str]) -> None:
 
 
 def accelerate_command(args, rdzv: Rendezvous, procs_per_node: int) -> list[str]:
-    command = [sys.executable, "-m", "facegen_dist.dist.slurm"]  # run_accelerate_launch(), with this interpreter whatever PATH says
+    command = [
+        sys.executable,
+        "-m",
+        "facegen_dist.cluster.slurm",
+    ]  # run_accelerate_launch(), with this interpreter whatever PATH says
     if args.accelerate_config:
         command += ["--config_file", args.accelerate_config]
     total = rdzv.num_machines * procs_per_node
     command += [
-        "--num_machines", str(rdzv.num_machines), "--machine_rank", str(rdzv.machine_rank), "--num_processes", str(total),
-        "--main_process_ip", rdzv.main_process_ip, "--main_process_port", str(rdzv.main_process_port), "--dynamo_backend", "no",
+        "--num_machines",
+        str(rdzv.num_machines),
+        "--machine_rank",
+        str(rdzv.machine_rank),
+        "--num_processes",
+        str(total),
+        "--main_process_ip",
+        rdzv.main_process_ip,
+        "--main_process_port",
+        str(rdzv.main_process_port),
+        "--dynamo_backend",
+        "no",
     ]
     if total > 1 and not args.accelerate_config:
         command.append("--multi_gpu")  # with ACCELERATE_USE_CPU this is gloo over CPU processes
@@ -134,20 +154,40 @@ def launch_main(argv: list[str]) -> int:
 
 def _launch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="facegen launch", description="Inside a SLURM job step (one task per node): start `accelerate launch` with the job's rendezvous.",
+        prog="facegen launch",
+        description="Inside a SLURM job step (one task per node): start `accelerate launch` with the job's rendezvous.",
         epilog="Example (in an sbatch script): srun facegen launch -- train --config configs/vqgan_ffhq512.yaml run.name=x",
     )
-    parser.add_argument("--procs-per-node", type=int, default=int(os.environ.get("FACEGEN_PROCS_PER_NODE") or 0),
-                        help="processes per node (default: the GPUs SLURM allocated on the node; 1 on CPU) [FACEGEN_PROCS_PER_NODE]")
-    parser.add_argument("--cpu", action="store_true", default=os.environ.get("FACEGEN_CPU", "0") == "1", help="train on CPU (gloo) [FACEGEN_CPU=1]")
-    parser.add_argument("--accelerate-config", default=os.environ.get("FACEGEN_ACCELERATE_CONFIG", ""), help="an accelerate config file, e.g. DeepSpeed [FACEGEN_ACCELERATE_CONFIG]")
-    parser.add_argument("--mixed-precision", default=os.environ.get("FACEGEN_MIXED_PRECISION", ""), choices=["", "no", "fp16", "bf16"])
+    parser.add_argument(
+        "--procs-per-node",
+        type=int,
+        default=int(os.environ.get("FACEGEN_PROCS_PER_NODE") or 0),
+        help="processes per node (default: the GPUs SLURM allocated on the node; 1 on CPU) [FACEGEN_PROCS_PER_NODE]",
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        default=os.environ.get("FACEGEN_CPU", "0") == "1",
+        help="train on CPU (gloo) [FACEGEN_CPU=1]",
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        default=os.environ.get("FACEGEN_ACCELERATE_CONFIG", ""),
+        help="an accelerate config file, e.g. DeepSpeed [FACEGEN_ACCELERATE_CONFIG]",
+    )
+    parser.add_argument(
+        "--mixed-precision", default=os.environ.get("FACEGEN_MIXED_PRECISION", ""), choices=["", "no", "fp16", "bf16"]
+    )
     parser.add_argument("--dry-run", action="store_true", help="check and print the command, start nothing")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then a facegen command: train|eval|codes|sample ...")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- then a facegen command: train|eval|codes|sample ..."
+    )
     args = parser.parse_args(argv)
     args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not args.command:
-        raise FacegenError("facegen launch: nothing to launch; e.g. `facegen launch -- train --config configs/vae_avatars128.yaml`")
+        raise FacegenError(
+            "facegen launch: nothing to launch; e.g. `facegen launch -- train --config configs/vae_avatars128.yaml`"
+        )
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
         raise FacegenError(f"--accelerate-config: no such file '{args.accelerate_config}'")
     if args.command[0] == "train":
@@ -162,7 +202,11 @@ def _launch(argv: list[str]) -> int:
     marker = Path(tempfile.mkdtemp(prefix="facegen-launch-")) / "preempted"
     os.environ[PREEMPT_MARKER_ENV] = str(marker)
     if rdzv.machine_rank == 0:
-        print(f"facegen launch: {rdzv.num_machines} node(s), main {rdzv.main_process_ip}:{rdzv.main_process_port}; {' '.join(command)}", file=sys.stderr, flush=True)
+        print(
+            f"facegen launch: {rdzv.num_machines} node(s), main {rdzv.main_process_ip}:{rdzv.main_process_port}; {' '.join(command)}",
+            file=sys.stderr,
+            flush=True,
+        )
     for signum in (signal.SIGUSR1, signal.SIGUSR2):  # inherited by the launcher; see the module docstring
         signal.signal(signum, signal.SIG_IGN)
     try:
@@ -195,15 +239,27 @@ def run_accelerate_launch(argv: list[str]) -> int:
         main()
     except SignalException as stopped:
         name = signal.Signals(stopped.sigval).name
-        print(f"{where} stopped by {name} (the job step was ended: a task failed on another node, or the job was cancelled)", file=sys.stderr, flush=True)
+        print(
+            f"{where} stopped by {name} (the job step was ended: a task failed on another node, or the job was cancelled)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + int(stopped.sigval)
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
         cause = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        print(f"{where} the training process of rank {rank} failed first ({cause}); its own error is above", file=sys.stderr, flush=True)
+        print(
+            f"{where} the training process of rank {rank} failed first ({cause}); its own error is above",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except CalledProcessError as failed:  # one process: accelerate runs it with subprocess
-        print(f"{where} the training process failed (exit code {failed.returncode}); its own error is above", file=sys.stderr, flush=True)
+        print(
+            f"{where} the training process failed (exit code {failed.returncode}); its own error is above",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
 

@@ -6,7 +6,7 @@ training loop as `accelerate launch train.py` (DINOv2's run/submit.py does the s
 
 Preemption: submitit sends SIGUSR2 (`--signal=USR2@delay`) and its handler would requeue at once,
 from inside whatever the training was doing. The run replaces that handler while it trains
-(train/preemption.py): all ranks finish the step and write a checkpoint; then submitit's own
+(cluster/preemption.py): all ranks finish the step and write a checkpoint; then submitit's own
 handler runs, calls `TrainingJob.checkpoint()` and requeues. The requeued job starts the same
 TrainingJob, which resumes from the newest checkpoint.
 """
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from facegen_dist.dist.slurm import rendezvous_port, visible_gpus
+from facegen_dist.cluster.slurm import rendezvous_port, visible_gpus
 from facegen_dist.errors import FacegenError
 
 SIGNAL_LEAD_SECONDS = 120
@@ -54,7 +54,9 @@ def check_partition(partition: str) -> None:
         raise FacegenError(f"sinfo failed: {listed.stderr.strip()}")
     partitions = sorted(set(listed.stdout.split()))
     if partition and partition not in partitions:
-        raise FacegenError(f"--partition: unknown partition '{partition}'; this cluster has: {', '.join(partitions) or 'none'}")
+        raise FacegenError(
+            f"--partition: unknown partition '{partition}'; this cluster has: {', '.join(partitions) or 'none'}"
+        )
 
 
 @contextlib.contextmanager
@@ -88,7 +90,9 @@ class TrainingJob:
         job = submitit.JobEnvironment()
         hosts = job.hostnames
         os.environ.update(
-            RANK=str(job.global_rank), LOCAL_RANK=str(job.local_rank), WORLD_SIZE=str(job.num_tasks),
+            RANK=str(job.global_rank),
+            LOCAL_RANK=str(job.local_rank),
+            WORLD_SIZE=str(job.num_tasks),
             LOCAL_WORLD_SIZE=str(job.num_tasks // max(1, job.num_nodes)),
             MASTER_ADDR="127.0.0.1" if len(hosts) <= 1 else hosts[0],
             MASTER_PORT=os.environ.get("FACEGEN_MAIN_PORT") or str(rendezvous_port(job.raw_job_id)),
@@ -97,12 +101,14 @@ class TrainingJob:
             os.environ["ACCELERATE_USE_CPU"] = "true"
         else:
             if visible_gpus() < max(1, self.gpus_per_node):
-                raise FacegenError(f"node {job.hostname}: {self.gpus_per_node} GPU(s) per node asked for, {visible_gpus()} visible")
+                raise FacegenError(
+                    f"node {job.hostname}: {self.gpus_per_node} GPU(s) per node asked for, {visible_gpus()} visible"
+                )
 
     def __call__(self) -> dict:
+        from facegen_dist.cluster.preemption import PreemptionWatcher
         from facegen_dist.config import load_config
         from facegen_dist.train import run
-        from facegen_dist.train.preemption import PreemptionWatcher
 
         os.chdir(self.workdir)
         preemption = PreemptionWatcher()  # before anything slow: a signal during start-up is kept
@@ -122,26 +128,37 @@ class TrainingJob:
         """submitit calls this on preemption/timeout: requeue the same job (it resumes from the run's checkpoint)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.config_files, self.overrides, self.workdir, self.cpu, self.gpus_per_node))
+        return submitit.helpers.DelayedSubmission(
+            TrainingJob(self.config_files, self.overrides, self.workdir, self.cpu, self.gpus_per_node)
+        )
 
 
 def submit_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="facegen submit", description="Submit a training run to SLURM with submitit (one task per GPU); preempted, it checkpoints, requeues and resumes.",
+        prog="facegen submit",
+        description="Submit a training run to SLURM with submitit (one task per GPU); preempted, it checkpoints, requeues and resumes.",
         epilog="Example: facegen submit --config configs/vqgan_ffhq512.yaml --nodes 2 --gpus-per-node 4 --time 4:00:00 --partition gpu",
     )
     parser.add_argument("--config", action="append", default=[], required=True, help="YAML config (repeatable)")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node = processes per node (default 1)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs per node = processes per node (default 1)"
+    )
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo); with --tasks-per-node")
-    parser.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (default: --gpus-per-node; with --cpu: 1)")
+    parser.add_argument(
+        "--tasks-per-node", type=int, default=0, help="processes per node (default: --gpus-per-node; with --cpu: 1)"
+    )
     parser.add_argument("--cpus-per-task", type=int, default=8)
     parser.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0: the cluster's default)")
-    parser.add_argument("--time", default="4:00:00", help="time limit of each job run (it requeues itself at the limit)")
+    parser.add_argument(
+        "--time", default="4:00:00", help="time limit of each job run (it requeues itself at the limit)"
+    )
     parser.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
     parser.add_argument("--account", default="")
     parser.add_argument("--local", action="store_true", help="run here, through submitit's local executor (no SLURM)")
-    parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary (always with --local)")
+    parser.add_argument(
+        "--wait", action="store_true", help="wait for the job and print its summary (always with --local)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_images=1000000")
     args = parser.parse_args(argv)
 
@@ -161,7 +178,13 @@ def submit_main(argv: list[str]) -> int:
 
     folder = Path(cfg.run.dir) / cfg.run.name / "submitit"
     executor = submitit.AutoExecutor(folder=folder, cluster="local" if args.local else "slurm")
-    params = dict(name=f"facegen-{cfg.run.name}", nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task, timeout_min=timeout_min)
+    params = dict(
+        name=f"facegen-{cfg.run.name}",
+        nodes=args.nodes,
+        tasks_per_node=tasks,
+        cpus_per_task=args.cpus_per_task,
+        timeout_min=timeout_min,
+    )
     if gpus:
         params["gpus_per_node"] = gpus
     if args.mem_gb:
@@ -176,7 +199,9 @@ def submit_main(argv: list[str]) -> int:
         raise FacegenError("--local runs on this machine: --nodes must be 1")
     executor.update_parameters(**params)
     configs = [str(Path(c).resolve()) for c in args.config]
-    with _stderr_captured() as sbatch_stderr:  # sbatch writes its refusal to our stderr; it goes into our one line instead
+    with (
+        _stderr_captured() as sbatch_stderr
+    ):  # sbatch writes its refusal to our stderr; it goes into our one line instead
         try:
             job = executor.submit(TrainingJob(configs, list(args.overrides), os.getcwd(), args.cpu, gpus))
         except Exception as error:  # noqa: BLE001 — sbatch's refusal comes back as submitit's FailedJobError
@@ -186,7 +211,10 @@ def submit_main(argv: list[str]) -> int:
     if error_text is not None:
         lines = [line for line in ("".join(sbatch_stderr) + "\n" + str(error_text)).splitlines() if line.strip()]
         raise FacegenError(f"submission refused: {lines[0] if lines else error_text}")
-    print(f"facegen submit: job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); logs {folder}/{job.job_id}_*_log.*", flush=True)
+    print(
+        f"facegen submit: job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); logs {folder}/{job.job_id}_*_log.*",
+        flush=True,
+    )
     if not (args.local or args.wait):
         print(f"facegen submit: watch it with `squeue -j {job.job_id}`; the run is {Path(cfg.run.dir) / cfg.run.name}")
         return 0
@@ -194,9 +222,14 @@ def submit_main(argv: list[str]) -> int:
         results = job.results()
     except Exception as error:  # noqa: BLE001 — a failed task: submitit re-raises its error text
         lines = [line for line in str(error).splitlines() if line.strip()]
-        raise FacegenError(f"job {job.job_id} failed: {lines[-1] if lines else error} (logs: {folder}/{job.job_id}_*_log.err)") from None
+        raise FacegenError(
+            f"job {job.job_id} failed: {lines[-1] if lines else error} (logs: {folder}/{job.job_id}_*_log.err)"
+        ) from None
     summary = next((r for r in results if r), {})
-    print(f"facegen submit: job {job.job_id} done: {summary.get('images_seen', '?')} images, world size {summary.get('world_size', '?')}", flush=True)
+    print(
+        f"facegen submit: job {job.job_id} done: {summary.get('images_seen', '?')} images, world size {summary.get('world_size', '?')}",
+        flush=True,
+    )
     return 0
 
 

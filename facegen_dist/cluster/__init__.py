@@ -1,0 +1,1 @@
+"""Running on a cluster: SLURM jobs (`facegen launch`), submitit (`facegen submit`), preemption, ending ranks."""
