@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 
-from accelerate import Accelerator, InitProcessGroupKwargs
-
 from facegen_dist import __version__
+from facegen_dist.accelerator import make_accelerator
 from facegen_dist.analysis.latent import (
     StudyOptions,
     choose_attribute_value,
@@ -155,7 +153,7 @@ def latent_main(argv: list[str]) -> int:
     if args.samples < 1:
         raise ConfigError(f"--samples {args.samples}: must be >= 1")
     options = StudyOptions(attr=args.attr, attr_value=args.attr_value, seed=args.seed, prior_samples=args.samples)
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))])
+    accelerator = make_accelerator()
     try:
         subjects = [_prepare(accelerator, run_dir, args) for run_dir in args.run]
         studies, records = [], []

@@ -168,10 +168,8 @@ def extract_codes(accelerator, restored, out_dir: str | os.PathLike, batch_size:
 
 def codes_main(argv: list[str]) -> int:
     import argparse
-    from datetime import timedelta
 
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
+    from facegen_dist.accelerator import make_accelerator
     from facegen_dist.data.resolve import resolve_data_dir
     from facegen_dist.train.restore import restore_run
 
@@ -187,7 +185,7 @@ def codes_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise DataError("--batch-size must be >= 1")
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))])
+    accelerator = make_accelerator()
     try:
         restored = restore_run(
             args.run, device=accelerator.device, use_ema=not args.no_ema, checkpoint_name=args.checkpoint

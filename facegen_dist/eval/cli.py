@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from datetime import timedelta
 
-from accelerate import Accelerator, InitProcessGroupKwargs
-
+from facegen_dist.accelerator import make_accelerator
 from facegen_dist.data.codes import image_dir
 from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import read_manifest
@@ -34,7 +32,7 @@ def eval_main(argv: list[str]) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.inception_weights=/path/weights.pth")
     args = parser.parse_args(argv)
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))])
+    accelerator = make_accelerator()
     try:
         overrides = list(args.overrides) + ([f"eval.extractor={args.extractor}"] if args.extractor else [])
         restored = restore_run(args.run, overrides, device=accelerator.device, use_ema=not args.no_ema)

@@ -11,13 +11,12 @@ import argparse
 import json
 import math
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
 from omegaconf import OmegaConf
 
+from facegen_dist.accelerator import make_accelerator
 from facegen_dist.errors import FacegenError
 from facegen_dist.eval.evaluate import chunk_seed
 from facegen_dist.eval.features import distributed_features, to_uint8
@@ -76,7 +75,7 @@ def sample_main(argv: list[str]) -> int:
         raise FacegenError("--num and --batch-size must be >= 1")
     if not args.out.endswith(".png"):
         raise FacegenError(f"--out {args.out}: must be a .png file")
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=60))])
+    accelerator = make_accelerator()
     try:
         restored = restore_run(args.run, _overrides(args), device=accelerator.device, use_ema=not args.no_ema)
         method, modules = restored.method, restored.modules

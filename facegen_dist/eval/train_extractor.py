@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from facegen_dist import __version__
+from facegen_dist.accelerator import make_accelerator
 from facegen_dist.data.pipeline import StreamSpec, attribute_labels, make_train_loader, read_images
 from facegen_dist.data.shards import MANIFEST_NAME, file_sha256, read_manifest, split_shards
 from facegen_dist.errors import FacegenError
@@ -62,7 +62,7 @@ def majority_baseline(labels: torch.Tensor, names: list[str]) -> dict[str, float
 def train_extractor(
     data_dir: Path, out: Path, size: int, total_images: int, batch_size: int, lr: float, seed: int, workers: int
 ) -> dict:
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     manifest = read_manifest(data_dir)
     vocabulary = manifest.get("attributes") or {}
     if not vocabulary:

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from datetime import timedelta
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from facegen_dist.accelerator import make_accelerator
 from facegen_dist.errors import ConfigError
 
 
@@ -55,22 +55,19 @@ def _allow_deepspeed_without_transformers() -> None:
 
 
 def build_accelerator(cfg) -> Accelerator:
-    kwargs = {
-        "timeout": timedelta(minutes=60)
-    }  # long: the first process of a node may render the embedded set while others wait
+    backend = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         _allow_deepspeed_without_transformers()
         if not torch.cuda.is_available():
-            kwargs["backend"] = "gloo"  # DeepSpeed's CPU accelerator would ask for oneCCL otherwise
+            backend = "gloo"  # DeepSpeed's CPU accelerator would ask for oneCCL otherwise
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if cfg.train.precision not in ("auto", launcher_precision) and launcher_precision != "no":
         raise ConfigError(
             f"train.precision={cfg.train.precision} but the launcher asked for --mixed_precision {launcher_precision}: "
             f"drop one, or set train.precision=auto to follow the launcher"
         )
-    accelerator = Accelerator(
-        mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision,
-        kwargs_handlers=[InitProcessGroupKwargs(**kwargs)],
+    accelerator = make_accelerator(
+        backend, mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision
     )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not is_deepspeed(accelerator):
         # accelerate drops DeepSpeed silently when ACCELERATE_USE_CPU=true is set as well (seen with 1.15).
