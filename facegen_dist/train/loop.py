@@ -250,9 +250,6 @@ class Trainer:
                     f"{folder}: written by {saved['world_size']} DeepSpeed processes; converting it to a universal checkpoint "
                     f"for {acc.num_processes} failed ({failure or 'on rank 0'}); resume with {saved['world_size']} processes"
                 )
-            self._resume_notes.append(
-                f"DeepSpeed state re-partitioned from {saved['world_size']} to {acc.num_processes} processes (universal checkpoint)"
-            )
         try:
             with universal_checkpoint.loading_from(acc, universal) if universal else contextlib.nullcontext():
                 acc.load_state(str(folder))
@@ -267,6 +264,10 @@ class Trainer:
                 shutil.rmtree(universal.parent, ignore_errors=True)
         if not self._agree(problem is None):
             return problem or "loading failed on another rank"
+        if universal is not None:
+            self._resume_notes.append(
+                f"DeepSpeed state re-partitioned from {saved['world_size']} to {acc.num_processes} processes (universal checkpoint)"
+            )
         self._continue_state(saved, folder)
         return None
 
