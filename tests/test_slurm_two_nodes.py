@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import EVAL_TINY, TINY, read_metrics, run_facegen, run_train
+from helpers import EVAL_TINY, TINY, TINY_VQGAN, read_metrics, run_facegen, run_train
 from test_slurm import START, _rows, _sbatch, _wait_done, _wait_for, preempt_twice, submit_and_preempt, submitit_job
 
 pytestmark = pytest.mark.slow
@@ -241,24 +241,12 @@ def test_submit_on_two_nodes_preempted_requeued_finishes_exactly(two_node_refere
 # slurm/vqgan512.sh with configs/vqgan_ffhq512.yaml as they are (bf16, activation checkpointing, 2 x 4 micro-batches,
 # hinge GAN with a delayed discriminator); only sizes shrunk: 32 px avatars, a tiny VQ-GAN, the tiny perceptual stand-in.
 VQGAN512_TINY = [
-    "data.resolution=32",
-    "data.num_workers=1",
-    "model.channels=16",
-    "model.channel_mult=[1,2,2]",
-    "model.attn_resolutions=[8]",
-    "model.z_channels=16",
-    "model.embed_dim=16",
-    "model.num_codes=64",
-    "model.perceptual=tiny",
-    "model.disc_channels=16",
-    "model.disc_layers=2",
+    *(arg for arg in TINY_VQGAN if arg.startswith(("data.", "model.", "log.progress", "log.num_grid"))),
     "model.disc_start_images=96",
     "train.total_images=192",
     "train.ckpt_every_images=96",
     "train.sample_every_images=192",
     "train.log_every_images=16",
-    "log.num_grid_images=8",
-    "log.progress=false",
     "train.cpu_threads=1",
 ]
 
