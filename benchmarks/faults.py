@@ -90,9 +90,8 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        delay = rng.uniform(
-            0.3 * duration, 1.0 * duration
-        )  # before ~30 % of the span the processes are still starting up
+        # before ~30 % of the span the processes are still starting up
+        delay = rng.uniform(0.3 * duration, 1.0 * duration)
         deadline = time.perf_counter() + delay
         while time.perf_counter() < deadline and launch.poll() is None:
             time.sleep(0.01)

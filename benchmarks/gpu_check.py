@@ -344,6 +344,7 @@ def stage_train(which: str, args, report: StageReport) -> None:
             ]
             first, total = 8, 16
         else:
+            # no download there: LPIPS costs the same with any weights
             base = [
                 "--config",
                 str(REPO / "configs" / "vqgan_ffhq256.yaml"),
@@ -354,7 +355,7 @@ def stage_train(which: str, args, report: StageReport) -> None:
                 "train.batch_size=4",
                 "model.disc_start_images=32",
                 f"model.perceptual_weights={random_vgg16_weights(scratch)}",
-            ]  # no download there: LPIPS costs the same with any weights
+            ]
             first, total = 48, 96
         cases = [("vqgan_bf16", [*base, "train.precision=bf16"])]
     runs_done = {}
@@ -600,9 +601,8 @@ def stage_compile(args, report: StageReport) -> None:
     for model in ("vqvae2",) if args.smoke else ("vqvae2", "vqgan"):
         _, (config, overrides), _, batches, _, warmup, steps = peer_plan(model, args.smoke)
         for batch in batches:
-            precision = (
-                "fp32" if args.smoke else "bf16"
-            )  # bf16 is the setting a GPU trains with; fp32 on CPU (no native bf16)
+            # bf16 is the setting a GPU trains with; fp32 on CPU (no native bf16)
+            precision = "fp32" if args.smoke else "bf16"
             run = project_cell(config, overrides, batch, precision == "bf16", True, device, warmup, steps, scratch)
             cell = {
                 "model": model,

@@ -68,10 +68,11 @@ def random_vgg16_weights(folder: Path) -> str:
 def load_method(config: str, overrides: list[str], scratch: Path):
     """(cfg, method) for a shipped config name ('vqgan_ffhq512') or path; a vgg16 perceptual loss gets random trunk weights."""
     path = Path(config) if Path(config).suffix == ".yaml" else CONFIGS / f"{config}.yaml"
+    # the benchmarks feed their own images; the config's shards may not exist here
     overrides = [
         "data.path=embedded:avatars",
         *overrides,
-    ]  # the benchmarks feed their own images; the config's shards may not exist here
+    ]
     cfg = load_config([str(path)], overrides)
     if getattr(cfg.model, "perceptual", None) == "vgg16" and not cfg.model.perceptual_weights:
         cfg = load_config([str(path)], [*overrides, f"model.perceptual_weights={random_vgg16_weights(scratch)}"])

@@ -45,9 +45,8 @@ def _lost_peer(error: RuntimeError) -> str | None:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if not any(marker in first_line for marker in LOST_PEER_MARKERS):
         return None
-    cause = first_line.split("] ", 1)[-1].split(". This is typically")[
-        0
-    ]  # gloo: "[.../pair.cc:561] Connection closed by peer [host]:port."
+    # gloo: "[.../pair.cc:561] Connection closed by peer [host]:port."
+    cause = first_line.split("] ", 1)[-1].split(". This is typically")[0]
     return (
         f"rank {os.environ.get('RANK', '0')}: another training process is gone ({cause}); "
         "the newest checkpoint is intact: run the same command to resume from it"

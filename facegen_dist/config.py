@@ -215,9 +215,8 @@ def load_config(
     merged.log.wandb = {"False": "off", "false": "off", "True": "online", "true": "online"}.get(
         merged.log.wandb, merged.log.wandb
     )
-    merged.train.precision = {"False": "no", "false": "no"}.get(
-        merged.train.precision, merged.train.precision
-    )  # `train.precision=no`
+    # `train.precision=no`
+    merged.train.precision = {"False": "no", "false": "no"}.get(merged.train.precision, merged.train.precision)
     _validate(merged)
     OmegaConf.set_readonly(merged, True)
     return merged

@@ -73,9 +73,8 @@ def test_shipped_configs_load(tiny_shards):
     from facegen_dist.analysis.suite import load_suite
     from facegen_dist.methods import METHODS, build_method
 
-    suites = [
-        path for path in configs if path.name.startswith("suite_")
-    ]  # suites of runs (facegen suite), not run configs
+    # suites of runs (facegen suite), not run configs
+    suites = [path for path in configs if path.name.startswith("suite_")]
     assert suites
     for path in suites:
         suite = load_suite(str(path))  # its run configs exist; they are loaded below as configs/*.yaml
@@ -85,10 +84,11 @@ def test_shipped_configs_load(tiny_shards):
         perceptual = ["model.perceptual=tiny"] if "vqgan" in path.name and "prior" not in path.name else []
         cfg = load_config([str(path)], [f"data.path={tiny_shards}", *perceptual])
         assert cfg.model.name in METHODS
+        # a prior needs its trained VQ run (tests/test_vq_train.py, test_vqgan_train.py)
         if cfg.model.name not in (
             "pixelcnn_prior",
             "gpt_prior",
-        ):  # a prior needs its trained VQ run (tests/test_vq_train.py, test_vqgan_train.py)
+        ):
             modules = build_method(cfg.model, cfg.data.resolution).build_modules()
             assert sum(p.numel() for m in modules.values() for p in m.parameters()) > 0, path.name
 

@@ -142,15 +142,13 @@ def test_ffhq_official_split_thumbnails_and_zip_give_the_same_images(ffhq_root, 
         workers=1,
         progress=False,
     )
-    assert (
-        official["splits"]["val"]["num_samples"] == 10 and official["splits"]["train"]["num_samples"] == 28
-    )  # categories, minus 2 skipped
+    # categories, minus 2 skipped
+    assert official["splits"]["val"]["num_samples"] == 10 and official["splits"]["train"]["num_samples"] == 28
 
     thumbs = make_ffhq(tmp_path / "both", side=40, layout="thumbnails128x128")
     make_ffhq(thumbs, side=80, layout="images1024x1024")
-    assert (
-        ffhq_source(thumbs, 32).description["layout"] == "thumbnails128x128"
-    )  # <= 128 px: no need to decode the big ones
+    # <= 128 px: no need to decode the big ones
+    assert ffhq_source(thumbs, 32).description["layout"] == "thumbnails128x128"
     assert ffhq_source(thumbs, 256).description["layout"] == "images1024x1024"
 
     zipped = tmp_path / "zipped"
@@ -230,12 +228,10 @@ def test_kill9_then_rerun_resumes_without_duplicates(tmp_path):
 
     resumed = facegen("data", "ffhq", *args, "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
-    assert {
-        name: (out / name).stat().st_mtime_ns for name in kept
-    } == kept  # intact finished shards were checked, not rewritten
-    assert (
-        read_manifest(out)["splits"] == read_manifest(tmp_path / "reference")["splits"]
-    )  # same files, counts and sha256
+    # intact finished shards were checked, not rewritten
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
+    # same files, counts and sha256
+    assert read_manifest(out)["splits"] == read_manifest(tmp_path / "reference")["splits"]
     keys = [
         sample["__key__"]
         for split in ("train", "val")

@@ -67,9 +67,8 @@ def test_a_new_layout_reads_nothing_again_and_skips_exactly_what_it_reports(tiny
         batches = -(-in_this_pass // after.get("batch_size", 8)) if in_this_pass else 0
         continued += _images(_spec(shards, rank=rank, sequence_offset=offset, **after), batches)[:in_this_pass]
     assert not set(continued) & set(read), "an image read before the change was read again in the same pass"
-    assert (
-        len(continued) == len(set(continued)) == pass_size - len(read) - skipped
-    )  # the rest of the pass, each image once
+    # the rest of the pass, each image once
+    assert len(continued) == len(set(continued)) == pass_size - len(read) - skipped
 
 
 def test_a_layout_that_read_nothing_moves_nothing(tiny_shards):

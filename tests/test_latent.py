@@ -116,9 +116,8 @@ def test_knn_accuracy_with_its_majority_baseline():
     result = knn_accuracy(clustered, labels, k=5, test_fraction=0.5, seed=0)
     test = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:30]
     assert result["accuracy"] == 1.0 and (result["num_train"], result["num_test"], result["k"]) == (30, 30, 5)
-    assert result["majority_baseline"] == pytest.approx(
-        float((labels[test] == 0).double().mean())
-    )  # class 0 is the largest
+    # class 0 is the largest
+    assert result["majority_baseline"] == pytest.approx(float((labels[test] == 0).double().mean()))
     unrelated = knn_accuracy(torch.randn(60, 2, generator=generator), labels, k=5, seed=0)
     assert unrelated["accuracy"] < 0.8 and unrelated["majority_baseline"] == result["majority_baseline"]
 
@@ -157,9 +156,8 @@ def test_slerp_keeps_the_norm_and_hits_both_ends():
     assert torch.allclose(path.norm(dim=1), torch.full((5,), 3.0))
     assert torch.allclose(path[2], torch.tensor([3 / math.sqrt(2), 3 / math.sqrt(2), 0.0]))
     assert torch.allclose(interpolate(a, b, 5, spherical=False)[2], torch.tensor([1.5, 1.5, 0.0]))
-    assert torch.allclose(
-        slerp(a, 2 * a, torch.tensor([0.5])), torch.tensor([[4.5, 0.0, 0.0]])
-    )  # parallel: straight line
+    # parallel: straight line
+    assert torch.allclose(slerp(a, 2 * a, torch.tensor([0.5])), torch.tensor([[4.5, 0.0, 0.0]]))
 
 
 @pytest.fixture(scope="module")
@@ -270,14 +268,12 @@ def test_vq_latent_is_the_pre_quantisation_latent_and_decodes_to_the_reconstruct
             latents + 1e-6 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
         )
     assert logvar is None and latents.shape == (4, sum(level.flatten(1).shape[1] for level in levels.values()))
-    assert torch.equal(
-        latents, torch.cat([levels[level].flatten(1) for level in model.levels], 1)
-    )  # every level, in order
+    # every level, in order
+    assert torch.equal(latents, torch.cat([levels[level].flatten(1) for level in model.levels], 1))
     assert torch.allclose(decoded, method.reconstruct(modules, images), atol=1e-6)
     assert torch.equal(nudged, decoded)  # decode snaps to the nearest codes: a small move lands on the same ones
-    assert all(
-        torch.equal(value, buffers[key]) for key, value in model.state_dict().items()
-    )  # no codebook update, no EMA
+    # no codebook update, no EMA
+    assert all(torch.equal(value, buffers[key]) for key, value in model.state_dict().items())
 
 
 def test_bad_input_is_one_line(trained_runs, tmp_path):

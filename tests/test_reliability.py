@@ -310,9 +310,8 @@ def test_elastic_resume_1_to_2_to_1_processes_with_a_batch_change_trains_exactly
     assert "resumed from" in log and "ckpt-000000000128 at 128 images" in log and "data layout changed" in log, log[
         -3000:
     ]
-    third = run_train(
-        tmp_path, *args, "train.batch_size=16"
-    )  # 1 process x batch 16: 16 images a step, another layout again
+    # 1 process x batch 16: 16 images a step, another layout again
+    third = run_train(tmp_path, *args, "train.batch_size=16")
     _ok(third)
     assert "ckpt-000000000256 at 256 images" in third.stderr and "1 x 1 x 16 x 4" in third.stderr
 
@@ -323,9 +322,8 @@ def test_elastic_resume_1_to_2_to_1_processes_with_a_batch_change_trains_exactly
     assert seen == sorted(set(seen)) and seen[-1] == summary["images_seen"]  # no row twice, none out of order
     worlds = [row["world_size"] for row in rows]
     assert worlds[0] == 1 and 2 in worlds and worlds[-1] == 1
-    for index in range(
-        1, len(rows)
-    ):  # the loss goes on where it was at each change of layout (no restart from scratch)
+    # the loss goes on where it was at each change of layout (no restart from scratch)
+    for index in range(1, len(rows)):
         if worlds[index] != worlds[index - 1]:
             assert rows[index]["loss"] < 1.5 * rows[index - 1]["loss"], (rows[index - 1], rows[index])
     assert all(math.isfinite(row["loss"]) for row in rows)

@@ -66,9 +66,8 @@ def test_report_of_two_real_runs(tmp_path, tiny_shards):
     runs = {name: tmp_path / "runs" / name for name in ("vae", "vq")}
     summaries = {name: json.loads((path / "summary.json").read_text()) for name, path in runs.items()}
     final_eval = json.loads(sorted((runs["vae"] / "eval").glob("0*.json"))[-1].read_text())
-    training_vae = next(
-        line for line in markdown.splitlines() if line.startswith("| vae ")
-    )  # the first table: training cost
+    # the first table: training cost
+    training_vae = next(line for line in markdown.splitlines() if line.startswith("| vae "))
     assert (
         f"| {summaries['vae']['images_seen']} |" in training_vae
         and f"| {_fmt(summaries['vq']['img_per_s_mean'])} |" in markdown
@@ -123,6 +122,7 @@ def test_suite_trains_evaluates_reports_and_a_rerun_redoes_nothing(tmp_path, tin
 
     tiny_vae = [o for o in TINY if not o.startswith("data.")]
     suite = tmp_path / "suite.yaml"
+    # JSON is YAML
     suite.write_text(
         json.dumps(
             {
@@ -151,7 +151,7 @@ def test_suite_trains_evaluates_reports_and_a_rerun_redoes_nothing(tmp_path, tin
                 ],
             }
         )
-    )  # JSON is YAML
+    )
     first = run_facegen(tmp_path, "suite", "--suite", str(suite))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     root = tmp_path / "runs" / "suite"

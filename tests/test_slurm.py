@@ -152,9 +152,8 @@ def test_usr1_to_the_training_processes_stops_them_together_and_the_rerun_contin
     assert f"resumed from {Path('runs/stopped/checkpoints')}" in rerun.stderr
     expected, got = read_metrics(tmp_path / "runs" / "ref"), read_metrics(run_dir)
     assert [row["step"] for row in got] == list(range(1, 101))
-    assert [row["loss"] for row in got] == [
-        row["loss"] for row in expected
-    ]  # the resumed noise and data are the uninterrupted run's
+    # the resumed noise and data are the uninterrupted run's
+    assert [row["loss"] for row in got] == [row["loss"] for row in expected]
     checksums = [
         json.loads((tmp_path / "runs" / name / "summary.json").read_text())["parameter_checksums"]
         for name in ("ref", "stopped")
@@ -282,9 +281,8 @@ def test_submitit_preempted_resumes_and_matches_uninterrupted_run(reference_run,
     assert (
         final["parameter_checksums"] == json.loads((reference_dir / "summary.json").read_text())["parameter_checksums"]
     )
-    assert (
-        submitit_job(run_dir, job_id).result()["images_seen"] == 6400
-    )  # rank 0's result, as submitit's client sees it
+    # rank 0's result, as submitit's client sees it
+    assert submitit_job(run_dir, job_id).result()["images_seen"] == 6400
 
 
 def test_submit_local_runs_two_processes_without_slurm(tiny_shards, tmp_path):
@@ -313,6 +311,7 @@ def test_bad_submissions_fail_in_one_line_and_submit_nothing(slurm_cluster, tiny
     cases = {
         "no such file": ["submit", "--config", "missing.yaml"],
         "unknown partition 'nope'": ["submit", "--config", config, "--partition", "nope", "--cpu"],
+        # no GPUs on this cluster
         "submission refused": [
             "submit",
             "--config",
@@ -321,7 +320,7 @@ def test_bad_submissions_fail_in_one_line_and_submit_nothing(slurm_cluster, tiny
             "1",
             "--partition",
             "debug",
-        ],  # no GPUs on this cluster
+        ],
         "no shards": ["submit", "--config", config, "--cpu", "data.path=/nonexistent/shards"],
         "inside a SLURM job": ["launch", "--", "train", "--config", config],
     }

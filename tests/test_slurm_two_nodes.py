@@ -278,9 +278,8 @@ def test_sbatch_vqgan512_the_headline_script_runs_on_two_nodes(two_node_cluster,
         assert kept in saved, kept
     rows = read_metrics(run_dir)
     assert rows[-1]["images_seen"] == 192 and rows[-1]["generator/adaptive_weight"] > 0
-    assert ["discriminator/d_loss" in row for row in rows] == [False] * 6 + [
-        True
-    ] * 6  # 16 images a step; D starts at 96
+    # 16 images a step; D starts at 96
+    assert ["discriminator/d_loss" in row for row in rows] == [False] * 6 + [True] * 6
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*")) == [
         "ckpt-000000000096",
         "ckpt-000000000192",

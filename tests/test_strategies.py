@@ -86,15 +86,13 @@ def test_deepspeed_trains_what_ddp_trains(strategy, ddp_reference, tiny_shards, 
     }[strategy]
     assert summary["strategy"] == expected_name and summary["world_size"] == 2
     assert len(summary["parameter_checksums"]) == 2 and summary["ranks_in_sync"]
-    assert (
-        summary["skipped_steps"] == 1 == reference["skipped_steps"]
-    )  # DeepSpeed skipped the NaN step on both ranks too
+    # DeepSpeed skipped the NaN step on both ranks too
+    assert summary["skipped_steps"] == 1 == reference["skipped_steps"]
     got, want = read_metrics(run_dir), read_metrics(ddp_reference)
     assert [row["step"] for row in got] == [row["step"] for row in want] == list(range(1, 21))
     for have, expected in zip(got, want):
-        assert (
-            ("loss" in have) == ("loss" in expected) == (have["step"] != 4)
-        )  # NaN at (0-based) step 3: row 4 logs no loss
+        # NaN at (0-based) step 3: row 4 logs no loss
+        assert ("loss" in have) == ("loss" in expected) == (have["step"] != 4)
         for key in ("loss", "mse", "kl", "grad_norm/autoencoder") if "loss" in have else ():
             # Same data, same fp32 maths; only the order of the gradient reductions differs (ZeRO-3 gathers partitions).
             assert math.isclose(have[key], expected[key], rel_tol=1e-4), (

@@ -36,9 +36,8 @@ def test_two_processes_train_in_sync_and_loss_falls(tmp_path, tiny_shards):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert len(summary["parameter_checksums"]) == 2 and summary["ranks_in_sync"]
-    assert (
-        summary["images_seen"] == 1920
-    )  # 8 per micro-batch x 2 micro-batches x 2 ranks x 60 steps; 7 shards over 2 ranks
+    # 8 per micro-batch x 2 micro-batches x 2 ranks x 60 steps; 7 shards over 2 ranks
+    assert summary["images_seen"] == 1920
     assert summary["steps"] == 60
     assert summary["skipped_steps"] == 1  # NaN on rank 0 only: both ranks skipped that step together
     rows = read_metrics(run_dir)

@@ -365,9 +365,10 @@ def test_activation_checkpointing_gives_the_same_gradients(dropout):
         isinstance(m, (ResnetBlock, AttnBlock)) for m in plain.modules()
     )
     calls = []
+    # pre: recompute stops early
     checkpointed.decoder.up[0].block[0]._checkpoint_wrapped_module.register_forward_pre_hook(
         lambda *args: calls.append(1)
-    )  # pre: recompute stops early
+    )
     images = torch.rand(2, 3, 32, 32)
     grads = []
     for model in (plain, checkpointed):

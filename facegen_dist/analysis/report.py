@@ -66,9 +66,8 @@ def read_run(path: Path) -> RunFacts:
 
     if not (path / "config.yaml").is_file():
         raise FacegenError(f"--runs: {path} is not a run folder (no config.yaml)")
-    cfg = load_config(
-        [str(path / "config.yaml")], ["data.path=embedded:avatars"]
-    )  # the run's shards need not be on this machine
+    # the run's shards need not be on this machine
+    cfg = load_config([str(path / "config.yaml")], ["data.path=embedded:avatars"])
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     evals = (
         [json.loads(p.read_text()) for p in sorted((path / "eval").glob("*.json"))] if (path / "eval").is_dir() else []

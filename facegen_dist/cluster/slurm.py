@@ -109,11 +109,12 @@ def check_train_args(train_args: list[str]) -> None:
 
 
 def accelerate_command(args, rdzv: Rendezvous, procs_per_node: int) -> list[str]:
+    # run_accelerate_launch(), with this interpreter whatever PATH says
     command = [
         sys.executable,
         "-m",
         "facegen_dist.cluster.slurm",
-    ]  # run_accelerate_launch(), with this interpreter whatever PATH says
+    ]
     if args.accelerate_config:
         command += ["--config_file", args.accelerate_config]
     total = rdzv.num_machines * procs_per_node

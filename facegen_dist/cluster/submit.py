@@ -199,9 +199,8 @@ def submit_main(argv: list[str]) -> int:
         raise FacegenError("--local runs on this machine: --nodes must be 1")
     executor.update_parameters(**params)
     configs = [str(Path(c).resolve()) for c in args.config]
-    with (
-        _stderr_captured() as sbatch_stderr
-    ):  # sbatch writes its refusal to our stderr; it goes into our one line instead
+    # sbatch writes its refusal to our stderr; it goes into our one line instead
+    with _stderr_captured() as sbatch_stderr:
         try:
             job = executor.submit(TrainingJob(configs, list(args.overrides), os.getcwd(), args.cpu, gpus))
         except Exception as error:  # noqa: BLE001 — sbatch's refusal comes back as submitit's FailedJobError

@@ -319,9 +319,8 @@ class ShardStream(IterableDataset):
                             f"no readable sample in shards {[spec.shards[s].path for s in schedule.group(group_index)]}"
                         )
                 image, labels = decoded
-                if (
-                    spec.hflip and flips[index] and not spec.code_levels
-                ):  # a flipped code grid is not the flipped image's
+                # a flipped code grid is not the flipped image's
+                if spec.hflip and flips[index] and not spec.code_levels:
                     image = image[:, ::-1]
                 yield image, labels, replaced
             group_index, offset = group_index + 1, 0

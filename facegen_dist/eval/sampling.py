@@ -86,9 +86,8 @@ def sample_main(argv: list[str]) -> int:
         resolution = restored.cfg.data.resolution
 
         def make_chunk(chunk: int, start: int, end: int) -> dict[str, torch.Tensor]:
-            generator = torch.Generator().manual_seed(
-                chunk_seed(args.seed, chunk)
-            )  # as `facegen eval` seeds its chunks
+            # as `facegen eval` seeds its chunks
+            generator = torch.Generator().manual_seed(chunk_seed(args.seed, chunk))
             with accelerator.autocast():
                 images = method.sample(modules, end - start, generator)
             return {"pixels": to_uint8(images)}

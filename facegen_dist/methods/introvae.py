@@ -106,9 +106,8 @@ class IntroVAEMethod(Method):
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)
         self._images_seen = 0
-        self._latents: list[
-            tuple[weakref.ref, torch.Tensor, torch.Tensor]
-        ] = []  # (batch, Z, Zp) per micro-batch of this step
+        # (batch, Z, Zp) per micro-batch of this step
+        self._latents: list[tuple[weakref.ref, torch.Tensor, torch.Tensor]] = []
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.cfg

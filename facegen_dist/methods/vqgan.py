@@ -196,9 +196,8 @@ class VQGANMethod(VQVAEMethod):
         nll, stats = self._reconstruction_loss(reconstruction, images)
         loss = nll + quantizer_loss
         if self.disc_on(self._images_seen):
-            discriminator = plain_module(
-                modules["discriminator"]
-            )  # see the module docstring: D's DDP reducer stays out of G's phase
+            # see the module docstring: D's DDP reducer stays out of G's phase
+            discriminator = plain_module(modules["discriminator"])
             logits_fake, fake_features = discriminator(reconstruction, return_features=True)
             g_loss = generator_adversarial_loss(logits_fake, cfg.disc_loss)
             adaptive = adaptive_generator_weight(

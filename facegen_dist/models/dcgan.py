@@ -59,10 +59,11 @@ class DCGANDiscriminator(nn.Module):
     def __init__(self, resolution: int, channels: int = 64, max_channels: int = 512, batch_norm: bool = True):
         super().__init__()
         widths = list(reversed(_widths(resolution, channels, max_channels)))
+        # no norm on the input layer (the paper)
         layers: list[nn.Module] = [
             nn.Conv2d(3, widths[0], 4, 2, 1),
             nn.LeakyReLU(0.2, True),
-        ]  # no norm on the input layer (the paper)
+        ]
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(a, b, 4, 2, 1, bias=not batch_norm)]
             layers += [nn.BatchNorm2d(b)] if batch_norm else []

@@ -61,9 +61,8 @@ class ActNorm(nn.Module):
             dist.all_reduce(packed)
         total, total_sq, n = packed[: flat.shape[0]], packed[flat.shape[0] : -1], packed[-1]
         mean = total / n
-        std = (
-            ((total_sq - n * mean.pow(2)) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
-        )  # unbiased, like taming's tensor.std
+        # unbiased, like taming's tensor.std
+        std = ((total_sq - n * mean.pow(2)) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
         self.loc.data.copy_(-mean.view_as(self.loc).to(self.loc.dtype))
         self.scale.data.copy_((1 / (std + 1e-6)).view_as(self.scale).to(self.scale.dtype))
         self.initialized.fill_(1)

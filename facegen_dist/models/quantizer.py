@@ -185,9 +185,8 @@ class VectorQuantizer(nn.Module):
         sums = _all_reduce_sum(sums)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
-        smoothed = (
-            (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
-        )  # Laplace: no division by 0
+        # Laplace: no division by 0
+        smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
         codes = self.embed_sum / smoothed.unsqueeze(1)
         self.codebook.data.copy_(F.normalize(codes, dim=1) if self.cosine else codes)
 

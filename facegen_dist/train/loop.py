@@ -168,9 +168,8 @@ class Trainer:
         self.final_images = self.state.images_seen + remaining_steps * self.images_per_step
         self.dead_window = min(cfg.train.dead_run_steps, remaining_steps) if cfg.train.dead_run_steps > 0 else 0
         self.stats = StatsCollector()
-        if (
-            self._partial_stats is not None
-        ):  # the stats since the last log row, so that the next row averages what it would have
+        # the stats since the last log row, so that the next row averages what it would have
+        if self._partial_stats is not None:
             self.stats.load_state(self._partial_stats)
         self.extractor = self._eval_extractor()
         self.logger = self._make_logger()
@@ -384,9 +383,8 @@ class Trainer:
         for index, images in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with contextlib.ExitStack() as stack:
-                if (
-                    self.deepspeed
-                ):  # the engine accumulates, divides by its accumulation count and steps at the boundary
+                # the engine accumulates, divides by its accumulation count and steps at the boundary
+                if self.deepspeed:
                     acc.sync_gradients = last
                 elif not last:  # accumulate locally; all-reduce gradients once, on the last micro-batch
                     for module in phase_modules:

@@ -136,9 +136,8 @@ def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
     if low_precision:  # see the module docstring
         ds_config[low_precision] = {"enabled": False}
         ds_config["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[low_precision]}
-    if (
-        ds_config.get("zero_optimization", {}).get("stage") == 3
-    ):  # checkpoints carry whole weights for sampling (checkpoint.py)
+    # checkpoints carry whole weights for sampling (checkpoint.py)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
         ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     ds_config.setdefault("steps_per_print", 10**9)  # our logger reports; DeepSpeed's own lines would interleave
     ds_config.setdefault("wall_clock_breakdown", False)
@@ -171,9 +170,8 @@ def _rank_order_mean(process_group, bucket) -> torch.futures.Future:
     return future.then(mean)
 
 
-_rank_order_mean.__annotations__["return"] = torch.futures.Future[
-    torch.Tensor
-]  # DDP checks it; the future import made it a string
+# DDP checks it; the future import made it a string
+_rank_order_mean.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
 def use_exact_gradient_reduction(accelerator: Accelerator, cfg) -> bool:

@@ -28,9 +28,8 @@ def main() -> None:
     trainer = Trainer(load_config([], sys.argv[2:]))
     acc, method, modules = trainer.accelerator, trainer.method, trainer.modules
     phases = {phase.name: phase for phase in trainer.phases}
-    images = torch.rand(
-        4, 3, 32, 32, generator=torch.Generator().manual_seed(acc.process_index)
-    )  # different data per rank
+    # different data per rank
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(acc.process_index))
     method.begin_step(trainer.cfg.model.disc_start_images)  # the discriminator is on
 
     d_optimizer = trainer.optimizers["discriminator"]
