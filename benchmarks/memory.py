@@ -37,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from setups import Levers, Setup, load_method, scratch_dir
+from setups import TINY_VQGAN, Levers, Setup, load_method, scratch_dir
 from timing import cpu_model, git_commit
 
 from facegen_dist.train.activation_checkpointing import retained_activation_bytes
@@ -70,18 +70,7 @@ SMOKE_CASES = [
     (
         "VQ-GAN 32",
         "vqgan_avatars64",
-        [
-            "data.resolution=32",
-            "model.channels=16",
-            "model.channel_mult=[1,2,2]",
-            "model.res_blocks=1",
-            "model.attn_resolutions=[8]",
-            "model.z_channels=16",
-            "model.embed_dim=16",
-            "model.num_codes=64",
-            "model.perceptual=tiny",
-            "model.disc_channels=16",
-        ],
+        TINY_VQGAN,
     ),
 ]
 LEVERS = [

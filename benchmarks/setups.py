@@ -51,6 +51,21 @@ class Levers:
 BASELINE = Levers()
 
 
+# The tiny VQ-GAN the CPU smoke runs of memory.py and throughput.py use (32 px, f=4, tiny perceptual net).
+TINY_VQGAN = [
+    "data.resolution=32",
+    "model.channels=16",
+    "model.channel_mult=[1,2,2]",
+    "model.res_blocks=1",
+    "model.attn_resolutions=[8]",
+    "model.z_channels=16",
+    "model.embed_dim=16",
+    "model.num_codes=64",
+    "model.perceptual=tiny",
+    "model.disc_channels=16",
+]
+
+
 def random_vgg16_weights(folder: Path) -> str:
     """A torchvision vgg16 state dict with random weights: LPIPS costs the same memory and time whatever its weights,
     and this machine may not hold the real ones (no download at run time)."""

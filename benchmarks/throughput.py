@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from setups import BASELINE, Levers, SegmentTimer, Setup, load_method, scratch_dir
+from setups import BASELINE, TINY_VQGAN, Levers, SegmentTimer, Setup, load_method, scratch_dir
 from timing import best_of, cpu_model, git_commit
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,18 +49,7 @@ from facegen_dist.data.shards import split_shards
 CPU_CONFIGS = ["vae_avatars64", "vqvae2_avatars64", "vqgan_avatars64", "dcgan_avatars64", "introvae_avatars64"]
 SMOKE = {
     "vae_avatars64": ["data.resolution=32", "model.channels=[8,16,16,32,32]", "model.latent_dim=16"],
-    "vqgan_avatars64": [
-        "data.resolution=32",
-        "model.channels=16",
-        "model.channel_mult=[1,2,2]",
-        "model.res_blocks=1",
-        "model.attn_resolutions=[8]",
-        "model.z_channels=16",
-        "model.embed_dim=16",
-        "model.num_codes=64",
-        "model.perceptual=tiny",
-        "model.disc_channels=16",
-    ],
+    "vqgan_avatars64": TINY_VQGAN,
 }
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity), by a substring of the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
