@@ -83,15 +83,22 @@ LEVER_NAMES = {"fp32": LEVERS[0], "bf16": LEVERS[1], "ckpt": LEVERS[2], "bf16+ck
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3_offload")
 
 
+def write_json_atomically(path: Path, record: dict) -> None:
+    """Written beside and renamed: gpu_check.py reads the file while rows are still coming."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    temporary.replace(path)
+
+
 def retained_per_image(setup: Setup, images: torch.Tensor) -> int:
     """The largest phase's retained activation bytes per image (forward only: backward frees them)."""
     worst = 0
-    setup.method.begin_step(setup.images_seen)
+    batch = setup.batch(images)  # one batch through every phase: a discriminator scores the generator's fakes
     for phase in setup.phases:
         if not setup.method.phase_active(phase.name, setup.images_seen):
             continue
         with setup.autocast():
-            _, retained = retained_activation_bytes(lambda: setup.method.loss(phase.name, setup.modules, images)[0])
+            _, retained = retained_activation_bytes(lambda: setup.method.loss(phase.name, setup.modules, batch)[0])
         worst = max(worst, retained)
     return worst // images.shape[0]
 
@@ -295,9 +302,9 @@ def main() -> None:
                 print(line, flush=True)
                 rows.append(row)
                 if args.json:  # after every row: a run stopped at a time limit keeps what it measured
-                    Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+                    write_json_atomically(Path(args.json), {"header": header, "rows": rows})
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+        write_json_atomically(Path(args.json), {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

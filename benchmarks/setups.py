@@ -1,9 +1,6 @@
-"""What memory.py and throughput.py share: a method's real modules, optimizers and one training step
-outside the Trainer, so that each memory/speed lever can be switched on and off in one process.
-
-The step is the loop's step (every active phase: clear gradients, loss under autocast, backward,
-optimizer step) without the loop's logging, EMA and checkpoints.
-"""
+"""What memory.py and throughput.py share: a method's real modules, optimizers and the loop's own phase step
+(train/step.py) outside the Trainer, so that each memory/speed lever can be switched on and off in one process.
+The Trainer's logging, EMA and checkpoints are left out."""
 
 from __future__ import annotations
 
@@ -14,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 
+from facegen_dist.accelerator import make_accelerator
 from facegen_dist.config import load_config
-from facegen_dist.methods import build_method
+from facegen_dist.methods import MicroBatch, build_method
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.loop import phase_optimizer
+from facegen_dist.train.step import phase_clip, run_phase
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -104,6 +104,10 @@ class Setup:
 
     def __init__(self, cfg, method, device: torch.device, levers: Levers):
         self.cfg, self.method, self.device, self.levers = cfg, method, device, levers
+        # One process, nothing wrapped: the accelerator only carries the precision into the real step. A benchmark
+        # measures several lever sets in one process, and accelerate's state is a singleton: reset it for each.
+        AcceleratorState._reset_state()
+        self.accelerator = make_accelerator(mixed_precision="bf16" if levers.bf16 else "no", cpu=device.type == "cpu")
         torch.manual_seed(0)
         modules = method.build_modules()
         if levers.activation_checkpointing:
@@ -133,23 +137,30 @@ class Setup:
         return images.contiguous(memory_format=torch.channels_last) if self.levers.channels_last else images
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.levers.bf16)
+        return self.accelerator.autocast()
+
+    def batch(self, images: torch.Tensor) -> MicroBatch:
+        """What the phases of a step get for `images`, as the loop prepares it."""
+        return self.method.prepare(MicroBatch(self.images_seen, images=images))
 
     def step(self, images: torch.Tensor, timer: SegmentTimer | None = None) -> None:
         """One training step of every active phase; `timer` splits it into forward / backward / optimizer."""
         timer = timer or SegmentTimer(self.device, enabled=False)
-        self.method.begin_step(self.images_seen)
+        with timer("forward"):  # a prior's encoding of the batch is part of its forward cost
+            batch = self.batch(images)
         for phase in self.phases:
-            if not self.method.phase_active(phase.name, self.images_seen):
-                continue
-            for module in self.modules.values():
-                module.zero_grad(set_to_none=True)
-            with timer("forward"), self.autocast():
-                loss, _ = self.method.loss(phase.name, self.modules, images)
-            with timer("backward"):
-                loss.backward()
-            with timer("optimizer"):
-                self.optimizers[phase.name].step()
+            if self.method.phase_active(phase.name, self.images_seen):
+                optimizer = self.optimizers[phase.name]
+                run_phase(
+                    self.accelerator,
+                    self.method,
+                    phase,
+                    self.modules,
+                    optimizer,
+                    [batch],
+                    phase_clip(phase, self.cfg),
+                    timed=timer,
+                )
 
 
 class SegmentTimer:

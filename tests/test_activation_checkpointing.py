@@ -7,7 +7,7 @@ import torch
 
 from facegen_dist.config import load_config
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods import build_method
+from facegen_dist.methods import MicroBatch, build_method
 from facegen_dist.methods.prior import GPTPriorMethod, PixelCNNPriorMethod
 from facegen_dist.models.gpt import CodeGPT
 from facegen_dist.models.pixelcnn import GatedPixelCNN
@@ -70,7 +70,8 @@ def test_vqvae2_gradients_match(one_intra_op_thread):
         "model.downsample=4",
     )
     images = torch.rand(4, 3, 32, 32)
-    _compare(method.build_modules, lambda modules: method.loss("vqvae", modules, images)[0], method.checkpoint_blocks())
+    batch = MicroBatch(0, images=images)
+    _compare(method.build_modules, lambda modules: method.loss("vqvae", modules, batch)[0], method.checkpoint_blocks())
 
 
 def test_vqgan_gradients_match(one_intra_op_thread):
@@ -88,8 +89,8 @@ def test_vqgan_gradients_match(one_intra_op_thread):
     )
     method.prepare_training()
     phase = next(p.name for p in method.phases() if "vqvae" in p.modules)  # the generator (autoencoder) phase
-    images = torch.rand(2, 3, 32, 32)
-    _compare(method.build_modules, lambda modules: method.loss(phase, modules, images)[0], method.checkpoint_blocks())
+    batch = method.prepare(MicroBatch(0, images=torch.rand(2, 3, 32, 32)))
+    _compare(method.build_modules, lambda modules: method.loss(phase, modules, batch)[0], method.checkpoint_blocks())
 
 
 def test_gpt_prior_gradients_match(one_intra_op_thread):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import COMMON, kill9_after_first_checkpoint, read_metrics, run_train, start_train
 
+from facegen_dist.methods import MicroBatch
 from facegen_dist.methods.introvae import decoder_loss, encoder_loss, reconstruction_error
 from facegen_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator
 
@@ -79,20 +80,20 @@ def test_introvae_decoder_phase_uses_the_same_latents_and_the_updated_encoder():
     torch.manual_seed(0)
     modules = method.build_modules()
     images = torch.rand(4, 3, 32, 32)
-    method.begin_step(1000)
-    method.loss("encoder", modules, images)
-    _, latents, prior = method._latents[0]
+    batch = method.prepare(MicroBatch(1000, images=images))
+    method.loss("encoder", modules, batch)
+    latents, prior = batch.latents, batch.prior
     with torch.no_grad():  # "the encoder's optimizer step"
         for parameter in modules["encoder"].parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
-    loss, stats = method.loss("decoder", modules, images)
+    loss, stats = method.loss("decoder", modules, batch)
     reconstruction, fake = modules["decoder"](latents), modules["decoder"](prior)
     mean, logvar = modules["encoder"](torch.cat([reconstruction, fake]))
     expected_rec = regularisation(mean[:4], logvar[:4])
     assert stats["reg_rec"].item() == pytest.approx(expected_rec.item(), rel=1e-5)
     assert stats["l_ae"].item() == pytest.approx(reconstruction_error(reconstruction, images).item(), rel=1e-5)
-    with pytest.raises(RuntimeError, match="did not see"):
-        method.loss("decoder", modules, images.clone())
+    with pytest.raises(RuntimeError, match="before the encoder phase"):
+        method.loss("decoder", modules, method.prepare(MicroBatch(1000, images=images)))
 
 
 def _resume_args(base, name):

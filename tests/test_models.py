@@ -3,7 +3,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from facegen_dist.config import load_config
-from facegen_dist.methods import build_method
+from facegen_dist.methods import MicroBatch, build_method
 from facegen_dist.models.autoencoder import ConvAutoencoder, gaussian_kl
 
 
@@ -54,7 +54,7 @@ def test_method_loss_is_recon_weight_mse_plus_kl(name, tiny_shards):
     modules = method.build_modules()
     modules["autoencoder"].eval()  # deterministic: no reparameterisation noise
     images = torch.rand(2, 3, 32, 32)
-    loss, stats = method.loss("autoencoder", modules, images)
+    loss, stats = method.loss("autoencoder", modules, MicroBatch(0, images=images))
     expected = 1000 * stats["mse"] + (stats["kl"] if name == "vae" else 0)
     assert torch.allclose(loss, expected)
     assert ("kl" in stats) == (name == "vae")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import TINY_VQGAN, free_port, leave_two_rank_group
 
 from facegen_dist.errors import ConfigError
+from facegen_dist.methods import MicroBatch
 from facegen_dist.models import perceptual
 from facegen_dist.models.discriminator import ActNorm, PatchDiscriminator
 from facegen_dist.models.gan_losses import (
@@ -405,8 +406,8 @@ def test_discriminator_phase_scores_the_fakes_as_the_generator_phase_read_them(n
     for module in modules.values():
         module.train()
     images = torch.rand(6, 3, 32, 32) * 2 - 1
-    method.begin_step(1000)
-    _, g_stats = method.loss("generator", modules, images)
-    _, d_stats = method.loss("discriminator", modules, images)
+    batch = method.prepare(MicroBatch(1000, images=images))
+    _, g_stats = method.loss("generator", modules, batch)
+    _, d_stats = method.loss("discriminator", modules, batch)
     # hinge: g_loss = -mean D(x_rec); D's parameters do not change between the two phases.
     assert d_stats["logits_fake"].item() == pytest.approx(-g_stats["g_loss"].item(), rel=1e-4, abs=1e-5)

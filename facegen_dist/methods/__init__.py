@@ -1,7 +1,7 @@
 """Registry of training methods, keyed by `model.name`."""
 
 from facegen_dist.methods.autoencoder import AutoencoderMethod
-from facegen_dist.methods.base import Method, Phase
+from facegen_dist.methods.base import Method, MicroBatch, Phase
 from facegen_dist.methods.dcgan import DCGANMethod
 from facegen_dist.methods.introvae import IntroVAEMethod
 from facegen_dist.methods.prior import GPTPriorMethod, PixelCNNPriorMethod
@@ -25,4 +25,4 @@ def build_method(model_cfg, resolution: int) -> Method:
     return METHODS[model_cfg.name](model_cfg, resolution)
 
 
-__all__ = ["METHODS", "Method", "Phase", "build_method"]
+__all__ = ["METHODS", "Method", "MicroBatch", "Phase", "build_method"]

@@ -55,7 +55,8 @@ class AutoencoderMethod(Method):
     def ema_modules(self) -> tuple[str, ...]:
         return ("autoencoder",)
 
-    def loss(self, phase, modules, images):
+    def loss(self, phase, modules, batch):
+        images = batch.images
         reconstruction, mean, logvar = modules["autoencoder"](images)
         # Losses in fp32 whatever the autocast dtype: 1000 * MSE in bf16 loses the small terms.
         mse = F.mse_loss(reconstruction.float(), images.float(), reduction="none").flatten(1).mean(1)

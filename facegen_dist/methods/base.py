@@ -7,7 +7,7 @@ how to reconstruct and sample for the picture grids. It never branches on the mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,6 +28,20 @@ def plain_module(module: nn.Module) -> nn.Module:
 def normal_latents(num: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """z ~ N(0, I) drawn on the CPU from `generator`, so a seed gives the same samples on any device."""
     return torch.randn(num, dim, generator=generator, device="cpu").to(device)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as every phase of a step sees it: built once by `Method.prepare`, then handed to each phase
+    in order, so what one phase leaves for the next (a GAN's fakes) travels with the batch, not in the Method."""
+
+    images_seen: int  # before this step: schedules such as a discriminator's start read it
+    images: torch.Tensor | None = None  # in [0, 1]; None when a code dataset streams codes
+    codes: dict[str, torch.Tensor] | None = None  # {level: code grid}
+
+    def extended(self, cls: type[MicroBatch]) -> MicroBatch:
+        """This batch as `cls`, a subclass that adds fields (left at their defaults)."""
+        return cls(**{f.name: getattr(self, f.name) for f in fields(MicroBatch)})
 
 
 @dataclass(frozen=True)
@@ -56,8 +70,9 @@ class Method:
         """Called once by the training loop before the first step, not when a run is restored for sampling
         or code extraction: load what only training needs (a perceptual network), failing early."""
 
-    def begin_step(self, images_seen: int) -> None:
-        """Called on every rank before a step's phases, with the images seen before it."""
+    def prepare(self, batch: MicroBatch) -> MicroBatch:
+        """What every phase of this step gets for `batch`, computed once (a prior's codes) before the first phase."""
+        return batch
 
     def phase_active(self, phase: str, images_seen: int) -> bool:
         """Whether `phase` runs this step (a discriminator waits for its start); the same answer on every rank."""
@@ -73,9 +88,9 @@ class Method:
         return ()
 
     def loss(
-        self, phase: str, modules: dict[str, nn.Module], images: torch.Tensor
+        self, phase: str, modules: dict[str, nn.Module], batch: MicroBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss of `phase` on a batch of images in [0, 1] (or codes, see check_code_dataset), and named stats to log."""
+        """Scalar loss of `phase` on a prepared micro-batch, and named stats to log."""
         raise NotImplementedError
 
     def sampling_protocol(self) -> dict:
@@ -87,7 +102,7 @@ class Method:
         return None
 
     def check_code_dataset(self, manifest: dict, path: str) -> None:
-        """Accept a code dataset (data/codes.py) as training data, or raise ConfigError; `loss` then gets {level: codes}."""
+        """Accept a code dataset (data/codes.py) as training data, or raise ConfigError; batches then carry codes only."""
         raise ConfigError(
             f"data.path: {path} holds VQ codes ({manifest.get('name')}), which train a pixelcnn_prior or gpt_prior, not '{self.cfg.name}'"
         )

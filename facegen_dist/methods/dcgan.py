@@ -67,7 +67,8 @@ class DCGANMethod(Method):
     def _latents(self, num: int, device) -> torch.Tensor:
         return torch.randn(num, self.cfg.latent_dim, device=device)  # the rank's own RNG stream, restored on resume
 
-    def loss(self, phase, modules, images):
+    def loss(self, phase, modules, batch):
+        images = batch.images
         latents = self._latents(images.shape[0], images.device)
         if phase == "discriminator":
             with torch.no_grad():

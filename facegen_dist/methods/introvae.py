@@ -14,8 +14,8 @@ L_REG is the KL of q(z|x) to N(0, I), summed over latent dimensions and averaged
 (inside the hinge too, as the authors' code does). Before `vae_images` the adversarial terms
 are off and it trains as the plain VAE (the authors' `num_vae` warm-up, counted in images).
 
-How it meets the loop: Z and Zp of each micro-batch are kept from the encoder phase for the
-decoder phase of the same step, and each phase calls the other network through its plain
+How it meets the loop: Z and Zp of each micro-batch travel with it (IntroVAEBatch) from the
+encoder phase to the decoder phase of the same step, and each phase calls the other network through its plain
 module, so each network's DDP reducer only serves its own phase. The decoder is run on Z and
 Zp separately in both phases, so its BatchNorm statistics and Xr, Xp are the same in both; the
 encoder scores Xr and Xp in one forward of the concatenated batch (BatchNorm statistics of the
@@ -24,7 +24,6 @@ pair, the same in both phases).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods.base import Method, Phase, normal_latents, plain_module
+from facegen_dist.methods.base import Method, MicroBatch, Phase, normal_latents, plain_module
 from facegen_dist.models.autoencoder import gaussian_kl
 from facegen_dist.models.introvae import IntroDecoder, IntroEncoder, IntroVAEPair
 
@@ -93,6 +92,12 @@ def decoder_loss(
     return loss, stats
 
 
+@dataclass
+class IntroVAEBatch(MicroBatch):
+    latents: torch.Tensor | None = None  # Z, detached, from the encoder phase
+    prior: torch.Tensor | None = None  # Zp
+
+
 def _score_pair(encoder: nn.Module, reconstruction: torch.Tensor, fake: torch.Tensor) -> tuple[tuple, tuple]:
     """(mean, logvar) of Xr and of Xp, from one encoder forward of the concatenated batch."""
     mean, logvar = encoder(torch.cat([reconstruction, fake]))
@@ -102,12 +107,6 @@ def _score_pair(encoder: nn.Module, reconstruction: torch.Tensor, fake: torch.Te
 
 class IntroVAEMethod(Method):
     config_class = IntroVAEConfig
-
-    def __init__(self, model_cfg, resolution: int):
-        super().__init__(model_cfg, resolution)
-        self._images_seen = 0
-        # (batch, Z, Zp) per micro-batch of this step
-        self._latents: list[tuple[weakref.ref, torch.Tensor, torch.Tensor]] = []
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.cfg
@@ -126,21 +125,20 @@ class IntroVAEMethod(Method):
     def ema_modules(self) -> tuple[str, ...]:
         return ("encoder", "decoder")
 
-    def begin_step(self, images_seen: int) -> None:
-        self._images_seen = images_seen
-        self._latents = []
+    def prepare(self, batch: MicroBatch) -> IntroVAEBatch:
+        return batch.extended(IntroVAEBatch)
 
-    def adversarial(self) -> bool:
-        return self._images_seen >= self.cfg.vae_images
+    def adversarial(self, images_seen: int) -> bool:
+        return images_seen >= self.cfg.vae_images
 
-    def loss(self, phase, modules, images):
-        cfg, adversarial = self.cfg, self.adversarial()
+    def loss(self, phase, modules, batch: IntroVAEBatch):
+        cfg, images, adversarial = self.cfg, batch.images, self.adversarial(batch.images_seen)
         if phase == "encoder":
             encoder, decoder = modules["encoder"], plain_module(modules["decoder"])
             mean, logvar = encoder(images)
             latents = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
             prior = torch.randn_like(mean)
-            self._latents.append((weakref.ref(images), latents.detach(), prior))
+            batch.latents, batch.prior = latents.detach(), prior
             reconstruction, fake = decoder(latents), decoder(prior)
             rec = fake_stats = None
             if adversarial:
@@ -157,11 +155,10 @@ class IntroVAEMethod(Method):
             )
             stats["mse"] = F.mse_loss(reconstruction.detach().float(), images.float())
             return loss, {**stats, "loss": loss.detach()}
-        cached = next(((z, zp) for ref, z, zp in self._latents if ref() is images), None)
-        if cached is None:
-            raise RuntimeError("introvae: the decoder phase ran on a batch the encoder phase of this step did not see")
+        if batch.latents is None:
+            raise RuntimeError("introvae: the decoder phase ran before the encoder phase on this batch")
         decoder, encoder = modules["decoder"], plain_module(modules["encoder"])
-        reconstruction, fake = decoder(cached[0]), decoder(cached[1])
+        reconstruction, fake = decoder(batch.latents), decoder(batch.prior)
         rec = fake_stats = None
         if adversarial:
             rec, fake_stats = _score_pair(encoder, reconstruction, fake)

@@ -17,7 +17,6 @@ Sampling draws top codes, then bottom codes given them, and decodes with the VQ 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facegen_dist.errors import ConfigError, FacegenError
-from facegen_dist.methods.base import VQ_METHODS, Method, Phase
+from facegen_dist.methods.base import VQ_METHODS, Method, MicroBatch, Phase
 from facegen_dist.models.gpt import Block, CodeGPT, flatten_codes
 from facegen_dist.models.pixelcnn import GatedLayer, GatedPixelCNN
 
@@ -96,8 +95,6 @@ class CodePriorMethod(Method):
         self.vq = vq_run.modules["vqvae"]
         self.num_codes = vq_run.cfg.model.num_codes
         self.grids = self.vq.grid_shapes(resolution)
-        # (weak reference to a batch, its codes) for the micro-batches of the current step: every phase reads them.
-        self._cached_codes: list[tuple[weakref.ref, dict[str, torch.Tensor]]] = []
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -111,17 +108,17 @@ class CodePriorMethod(Method):
 
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Code grids of a batch, computed once per batch for all phases."""
-        for reference, cached in self._cached_codes:
-            if reference() is images:
-                return cached
+        """Code grids of a batch of images in [0, 1], by the frozen VQ encoder in fp32."""
         self.vq.to(images.device)
         with torch.autocast(images.device.type, enabled=False):
             _, indices, _, _ = self.vq.encode(images.float())
-        self._cached_codes = [(r, c) for r, c in self._cached_codes if r() is not None] + [
-            (weakref.ref(images), indices)
-        ]
         return indices
+
+    def prepare(self, batch: MicroBatch) -> MicroBatch:
+        """A code dataset's batch as it is; an image batch encoded once, for every level's phase."""
+        if batch.codes is None:
+            batch.codes = self.codes(batch.images)
+        return batch
 
     def check_code_dataset(self, manifest: dict, path: str) -> None:
         """Codes from `facegen codes` must come from this prior's VQ run and checkpoint, at its grid sizes."""
@@ -143,10 +140,9 @@ class CodePriorMethod(Method):
         """Mean cross-entropy (nats per code) of `level`'s codes; through the module's forward, so DDP's hooks run."""
         raise NotImplementedError
 
-    def loss(self, phase, modules, images):
+    def loss(self, phase, modules, batch):
         level = phase[len("prior_") :]
-        codes = images if isinstance(images, dict) else self.codes(images)  # a code dataset's batch, or images
-        loss = self.level_loss(modules[phase], level, codes)
+        loss = self.level_loss(modules[phase], level, batch.codes)
         # nats per code -> bits per code, the figure PixelCNN papers report
         return loss, {"nll": loss.detach(), "bits_per_code": loss.detach() / math.log(2)}
 

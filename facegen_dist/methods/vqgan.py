@@ -27,14 +27,13 @@ What this does differently from taming, and why:
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods.base import Phase, plain_module
+from facegen_dist.methods.base import MicroBatch, Phase, plain_module
 from facegen_dist.methods.vqvae import VQVAEMethod
 from facegen_dist.models.discriminator import PatchDiscriminator
 from facegen_dist.models.gan_losses import (
@@ -87,6 +86,11 @@ class VQGANConfig:
     disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
 
 
+@dataclass
+class VQGANBatch(MicroBatch):
+    reconstruction: torch.Tensor | None = None  # the generator phase's, detached: what the discriminator scores
+
+
 def build_vqgan(cfg, resolution: int) -> VQGAN:
     for key, value, allowed in (
         ("codebook_update", cfg.codebook_update, ("ema", "loss")),
@@ -137,8 +141,6 @@ class VQGANMethod(VQVAEMethod):
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)
         self.perceptual: nn.Module | None = None  # frozen, kept out of the modules: not trained, not checkpointed
-        self._images_seen = 0
-        self._fakes: list[tuple[weakref.ref, torch.Tensor]] = []  # this step's reconstructions, per micro-batch
 
     def prepare_training(self) -> None:
         """The perceptual network: only training needs it (a restored run samples and encodes without VGG weights)."""
@@ -161,9 +163,8 @@ class VQGANMethod(VQVAEMethod):
             Phase("discriminator", ("discriminator",), lr=cfg.disc_lr or None, betas=tuple(cfg.disc_betas)),
         ]
 
-    def begin_step(self, images_seen: int) -> None:
-        self._images_seen = images_seen
-        self._fakes = []
+    def prepare(self, batch: MicroBatch) -> VQGANBatch:
+        return batch.extended(VQGANBatch)
 
     def disc_on(self, images_seen: int) -> bool:
         return images_seen >= self.cfg.disc_start_images
@@ -171,10 +172,10 @@ class VQGANMethod(VQVAEMethod):
     def phase_active(self, phase: str, images_seen: int) -> bool:
         return phase != "discriminator" or self.disc_on(images_seen)
 
-    def loss(self, phase, modules, images):
+    def loss(self, phase, modules, batch):
         if phase == "generator":
-            return self._generator_loss(modules, images)
-        return self._discriminator_loss(modules, images)
+            return self._generator_loss(modules, batch)
+        return self._discriminator_loss(modules, batch)
 
     def _reconstruction_loss(self, reconstruction: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
@@ -189,13 +190,13 @@ class VQGANMethod(VQVAEMethod):
             stats["perceptual"] = perceptual.detach()
         return nll, stats
 
-    def _generator_loss(self, modules, images):
-        cfg = self.cfg
+    def _generator_loss(self, modules, batch: VQGANBatch):
+        cfg, images, images_seen = self.cfg, batch.images, batch.images_seen
         reconstruction, _, quantizer_loss, level_stats = modules["vqvae"](images)
-        self._fakes.append((weakref.ref(images), reconstruction.detach()))
+        batch.reconstruction = reconstruction.detach()
         nll, stats = self._reconstruction_loss(reconstruction, images)
         loss = nll + quantizer_loss
-        if self.disc_on(self._images_seen):
+        if self.disc_on(images_seen):
             # see the module docstring: D's DDP reducer stays out of G's phase
             discriminator = plain_module(modules["discriminator"])
             logits_fake, fake_features = discriminator(reconstruction, return_features=True)
@@ -204,7 +205,7 @@ class VQGANMethod(VQVAEMethod):
                 nll, g_loss, plain_module(modules["vqvae"]).last_layer(), cfg.adaptive_weight_max
             )
             weight = adaptive.weight * cfg.disc_weight
-            factor = disc_factor(self._images_seen, cfg.disc_start_images, cfg.disc_factor)
+            factor = disc_factor(images_seen, cfg.disc_start_images, cfg.disc_factor)
             loss = loss + factor * weight * g_loss
             # adaptive_weight_zeroed: the fraction of micro-batches whose weight was forced to 0 (non-finite or zero gradients)
             stats.update(
@@ -225,16 +226,13 @@ class VQGANMethod(VQVAEMethod):
             stats.update({f"codebook_{level}/{name}": value for name, value in level_stat.items()})
         return loss, stats
 
-    def _discriminator_loss(self, modules, images):
+    def _discriminator_loss(self, modules, batch: VQGANBatch):
         cfg = self.cfg
-        fake = next((fake for ref, fake in self._fakes if ref() is images), None)
-        if fake is None:
-            raise RuntimeError(
-                "vqgan: the discriminator phase ran on a batch the generator phase of this step did not see"
-            )
-        logits_real, logits_fake = score_real_and_fake(modules["discriminator"], images, fake)
+        if batch.reconstruction is None:
+            raise RuntimeError("vqgan: the discriminator phase ran before the generator phase on this batch")
+        logits_real, logits_fake = score_real_and_fake(modules["discriminator"], batch.images, batch.reconstruction)
         d_loss = discriminator_loss(logits_real, logits_fake, cfg.disc_loss)
-        loss = disc_factor(self._images_seen, cfg.disc_start_images, cfg.disc_factor) * d_loss
+        loss = disc_factor(batch.images_seen, cfg.disc_start_images, cfg.disc_factor) * d_loss
         return loss, {
             "d_loss": d_loss.detach(),
             "logits_real": logits_real.detach().mean(),

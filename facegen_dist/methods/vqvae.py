@@ -131,7 +131,8 @@ class VQVAEMethod(Method):
     def ema_modules(self) -> tuple[str, ...]:
         return ("vqvae",)
 
-    def loss(self, phase, modules, images):
+    def loss(self, phase, modules, batch):
+        images = batch.images
         reconstruction, _, quantizer_loss, level_stats = modules["vqvae"](images)
         mse = F.mse_loss(reconstruction.float(), images.float())
         loss = self.cfg.recon_weight * mse + quantizer_loss

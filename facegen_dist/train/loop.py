@@ -38,7 +38,7 @@ from facegen_dist.eval.metrics import METRICS
 from facegen_dist.log.images import interleave_rows, save_grid
 from facegen_dist.log.logger import NullLogger, RunLogger, truncate_metrics
 from facegen_dist.log.stats import StatsCollector
-from facegen_dist.methods import build_method
+from facegen_dist.methods import MicroBatch, build_method
 from facegen_dist.train import strategy, universal_checkpoint
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.checkpoint import (
@@ -52,6 +52,7 @@ from facegen_dist.train.checkpoint import (
 )
 from facegen_dist.train.resume_checks import changed_shapes, non_finite_parameter
 from facegen_dist.train.schedule import lr_factor
+from facegen_dist.train.step import phase_clip, run_phase
 from facegen_dist.train.sync import parameter_checksums
 
 
@@ -145,8 +146,7 @@ class Trainer:
             )
             for name in self.method.ema_modules()
         }
-        # Fused (one kernel for all parameters) on CUDA; DeepSpeed steps its own flattened partitions instead.
-        fused = {"fused": True} if acc.device.type == "cuda" and not self.deepspeed else {}
+        fused = strategy.optimizer_kwargs(acc)
         optimizers = {phase.name: phase_optimizer(phase, modules, cfg, **fused) for phase in self.phases}
         self.base_lr = {name: optimizer.param_groups[0]["lr"] for name, optimizer in optimizers.items()}
         names, phase_names = list(modules), list(optimizers)
@@ -369,61 +369,31 @@ class Trainer:
                 group["lr"] = self.base_lr[name] * factor
         return cfg.optim.lr * factor
 
-    def _run_phase(self, phase, micro_batches: list[torch.Tensor]) -> bool:
-        """Forward/backward over the micro-batches, then one optimizer step. False if the step was skipped."""
+    def _run_phase(self, phase, micro_batches: list[MicroBatch]) -> bool:
+        """One optimizer step of `phase` over the micro-batches; False if it was skipped (on every rank alike)."""
         acc, cfg = self.accelerator, self.cfg
-        phase_modules = [self.modules[name] for name in phase.modules]
+        poison = self.state.step in cfg.debug.inject_nan_at_steps and acc.is_main_process
         optimizer = self.optimizers[phase.name]
-        if not self.deepspeed:  # DeepSpeed keeps (partitioned) gradients of its own and clears them after its step
-            # A generator's loss back-propagates into the discriminator too: clear every module's
-            # gradients, so no phase ever steps on gradients another phase left behind.
-            for module in self.modules.values():
-                module.zero_grad(set_to_none=True)
-        step_stats = []
-        for index, images in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            with contextlib.ExitStack() as stack:
-                # the engine accumulates, divides by its accumulation count and steps at the boundary
-                if self.deepspeed:
-                    acc.sync_gradients = last
-                elif not last:  # accumulate locally; all-reduce gradients once, on the last micro-batch
-                    for module in phase_modules:
-                        stack.enter_context(acc.no_sync(module))
-                with strategy.autocast(acc):
-                    loss, stats = self.method.loss(phase.name, self.modules, images)
-                if self.state.step in cfg.debug.inject_nan_at_steps and acc.is_main_process:
-                    loss = loss * float("nan")
-                acc.backward(loss if self.deepspeed else loss / len(micro_batches))
-            step_stats.append(stats)
-        params = [p for module in phase_modules for p in module.parameters()]
-        # The norm of the all-reduced gradients is the same on every rank, so every rank takes
-        # the same decision: a NaN/inf anywhere skips the step everywhere (no extra sync).
-        clip = phase.grad_clip if phase.grad_clip is not None else cfg.train.grad_clip
-        grad_norm = acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if self.deepspeed:  # the engine has stepped already, and skipped the step itself if a gradient held NaN/inf (tested); this is its norm
-            grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
-            finite = bool(torch.isfinite(grad_norm)) and not optimizer.step_was_skipped
-        else:
-            finite = bool(torch.isfinite(grad_norm))
-            if acc.scaler is not None:
-                optimizer.step()  # the fp16 scaler skips non-finite steps itself and lowers its scale
-                finite = finite and not optimizer.step_was_skipped
-            elif finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if finite:
-            for stats in step_stats:
+        result = run_phase(
+            acc, self.method, phase, self.modules, optimizer, micro_batches, phase_clip(phase, cfg), poison=poison
+        )
+        if result.stepped:
+            for stats in result.stats:
                 self.stats.add_dict(stats, prefix=f"{phase.name}/" if len(self.phases) > 1 else "")
-            self.stats.add(f"grad_norm/{phase.name}", grad_norm)
-        return finite
+            self.stats.add(f"grad_norm/{phase.name}", result.grad_norm)
+        return result.stepped
 
-    def _inputs(self, batch: dict):
-        """What Method.loss gets: images in [0, 1] on the device, or (code datasets) {level: codes}."""
-        device = self.accelerator.device
+    def _inputs(self, batch: dict) -> MicroBatch:
+        """A loader batch on the device: images in [0, 1], or (code datasets) {level: codes}."""
+        device, seen = self.accelerator.device, self.state.images_seen
         if "codes" in batch:
-            return {level: codes.to(device, non_blocking=True) for level, codes in batch["codes"].items()}
+            return MicroBatch(
+                seen, codes={level: c.to(device, non_blocking=True) for level, c in batch["codes"].items()}
+            )
         images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
-        return images.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else images
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return MicroBatch(seen, images=images)
 
     def _train_step(self, data_iter) -> float:
         """One optimizer step of every phase; returns seconds spent waiting for data."""
@@ -432,9 +402,8 @@ class Trainer:
         batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
         data_wait = time.perf_counter() - wait_start
         self._bad_samples_local += sum(int(b["bad_samples"]) for b in batches)
-        micro_batches = [self._inputs(b) for b in batches]
         self._set_lr()
-        self.method.begin_step(self.state.images_seen)
+        micro_batches = [self.method.prepare(self._inputs(b)) for b in batches]
         active = [phase for phase in self.phases if self.method.phase_active(phase.name, self.state.images_seen)]
         ok = all([self._run_phase(phase, micro_batches) for phase in active])
         if ok:

@@ -224,6 +224,58 @@ def autocast(accelerator: Accelerator):
     return accelerator.autocast()
 
 
+def optimizer_kwargs(accelerator: Accelerator) -> dict:
+    """Fused AdamW (one kernel for all parameters) on CUDA; DeepSpeed steps its own flattened partitions instead."""
+    return {"fused": True} if accelerator.device.type == "cuda" and not is_deepspeed(accelerator) else {}
+
+
+def clear_gradients(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> None:
+    """Before a phase: every module's gradients cleared (a generator's loss back-propagates into the discriminator
+    too, so no phase may step on gradients another left). DeepSpeed keeps partitioned gradients of its own and
+    clears them after its step."""
+    if is_deepspeed(accelerator):
+        return
+    for module in modules.values():
+        module.zero_grad(set_to_none=True)
+
+
+def accumulating(accelerator: Accelerator, phase_modules: list[torch.nn.Module], last: bool):
+    """Context for one micro-batch's forward and backward: gradients all-reduced on the last micro-batch only."""
+    if is_deepspeed(accelerator):  # the engine accumulates and steps at the boundary it is told of
+        accelerator.sync_gradients = last
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    if not last:
+        for module in phase_modules:
+            stack.enter_context(accelerator.no_sync(module))
+    return stack
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor, micro_batches: int) -> None:
+    """Backward of one micro-batch's loss, scaled to the mean over the step (DeepSpeed divides by its own count)."""
+    accelerator.backward(loss if is_deepspeed(accelerator) else loss / micro_batches)
+
+
+def clip_and_step(
+    accelerator: Accelerator, optimizer, params: list[torch.nn.Parameter], clip: float
+) -> tuple[bool, torch.Tensor]:
+    """Clip to `clip` (0: off) and step unless a gradient is non-finite; (stepped, gradient norm).
+
+    The norm of all-reduced gradients is the same on every rank, so every rank decides alike (no extra sync)."""
+    grad_norm = accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if is_deepspeed(accelerator):  # the engine stepped already, skipping a non-finite step itself (tested)
+        grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
+        return bool(torch.isfinite(grad_norm)) and not optimizer.step_was_skipped, grad_norm
+    finite = bool(torch.isfinite(grad_norm))
+    if accelerator.scaler is not None:
+        optimizer.step()  # the fp16 scaler skips non-finite steps itself and lowers its scale
+        finite = finite and not optimizer.step_was_skipped
+    elif finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm
+
+
 def deepspeed_weights_for_inference(
     accelerator: Accelerator, modules: dict[str, torch.nn.Module]
 ) -> list[dict[str, torch.Tensor]] | None:

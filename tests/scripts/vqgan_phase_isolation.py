@@ -12,6 +12,7 @@ import torch
 
 from facegen_dist.cluster.teardown import end_without_teardown
 from facegen_dist.config import load_config
+from facegen_dist.methods import MicroBatch
 from facegen_dist.train.loop import Trainer
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     phases = {phase.name: phase for phase in trainer.phases}
     # different data per rank
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(acc.process_index))
-    method.begin_step(trainer.cfg.model.disc_start_images)  # the discriminator is on
+    batch = method.prepare(MicroBatch(trainer.cfg.model.disc_start_images, images=images))  # the discriminator is on
 
     d_optimizer = trainer.optimizers["discriminator"]
     real_step, record = d_optimizer.step, {}
@@ -39,7 +40,7 @@ def main() -> None:
         # The gradients D is about to step with, against those of D's loss alone (recomputed, all-reduced by DDP).
         used = [p.grad.clone() for p in modules["discriminator"].parameters()]
         modules["discriminator"].zero_grad(set_to_none=True)
-        loss, _ = method.loss("discriminator", modules, images)
+        loss, _ = method.loss("discriminator", modules, batch)
         acc.backward(loss)
         alone = [p.grad.clone() for p in modules["discriminator"].parameters()]
         record["max_grad_difference"] = max(float((u - a).abs().max()) for u, a in zip(used, alone))
@@ -47,12 +48,12 @@ def main() -> None:
 
     d_optimizer.step = checked_step
     before = {name: snapshot(module) for name, module in modules.items()}
-    trainer._run_phase(phases["generator"], [images])
+    trainer._run_phase(phases["generator"], [batch])
     after_g = {name: snapshot(module) for name, module in modules.items()}
     d_has_grads_after_g = any(
         p.grad is not None and p.grad.abs().sum() > 0 for p in modules["discriminator"].parameters()
     )
-    trainer._run_phase(phases["discriminator"], [images])
+    trainer._run_phase(phases["discriminator"], [batch])
     after_d = {name: snapshot(module) for name, module in modules.items()}
     result = {
         "world_size": acc.num_processes,

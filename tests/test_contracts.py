@@ -1,0 +1,181 @@
+"""The Method contract, in process and fast, for every registered method: what the loop, sampling, eval and the
+checkpoints rely on. The multi-process tests check the same methods for real; these name the broken promise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import COMMON, TINY, TINY_VQGAN, TINY_VQVAE2
+from safetensors.torch import load_model, save_model
+
+from facegen_dist.config import load_config
+from facegen_dist.methods import METHODS, MicroBatch, build_method
+
+TINY_MODELS = {
+    "ae": [*TINY, "model.name=ae"],
+    "vae": [*TINY, "model.name=vae"],
+    "vqvae": [*TINY_VQVAE2, "model.name=vqvae"],
+    "vqvae2": TINY_VQVAE2,
+    "vqgan": TINY_VQGAN,
+    "dcgan": [*COMMON, "model.name=dcgan", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8"],
+    "introvae": [*COMMON, "model.name=introvae", "model.latent_dim=16", "model.channels=[8,16,16]"],
+}
+IMAGE_METHODS = sorted(TINY_MODELS)
+RESOLUTION = 32
+
+
+def test_every_registered_method_is_covered_here_or_by_the_prior_contract():
+    assert set(METHODS) == set(TINY_MODELS) | {"pixelcnn_prior", "gpt_prior"}
+
+
+def _method(name: str):
+    cfg = load_config([], TINY_MODELS[name])
+    method = build_method(cfg.model, RESOLUTION)
+    method.prepare_training()
+    torch.manual_seed(0)
+    return cfg, method, method.build_modules()
+
+
+def _images(num: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.rand(num, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(seed))
+
+
+def _every_phase_on(cfg) -> int:
+    """An images-seen count past every phase's start (a discriminator's, IntroVAE's adversarial one)."""
+    return max(int(getattr(cfg.model, key, 0) or 0) for key in ("disc_start_images", "vae_images")) + 1
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_phases_name_existing_modules_once(name, one_intra_op_thread):
+    _, method, modules = _method(name)
+    phases = method.phases()
+    assert len({p.name for p in phases}) == len(phases)
+    owned = [module for phase in phases for module in phase.modules]
+    assert set(owned) <= set(modules) and len(owned) == len(set(owned))  # no module stepped by two optimizers
+    assert set(method.ema_modules()) <= set(modules)
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_each_phase_gives_a_finite_loss_and_gradients_for_its_own_modules(name, one_intra_op_thread):
+    cfg, method, modules = _method(name)
+    for module in modules.values():
+        module.train()
+    batch = method.prepare(MicroBatch(_every_phase_on(cfg), images=_images()))
+    for phase in method.phases():
+        assert method.phase_active(phase.name, batch.images_seen)
+        for module in modules.values():
+            module.zero_grad(set_to_none=True)
+        loss, stats = method.loss(phase.name, modules, batch)
+        assert loss.dim() == 0 and torch.isfinite(loss), (phase.name, loss)
+        assert stats and all(torch.isfinite(torch.as_tensor(v, dtype=torch.float32)).all() for v in stats.values())
+        loss.backward()
+        grads = [p.grad for m in phase.modules for p in modules[m].parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{phase.name}: no gradient reached its modules"
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_reconstruct_and_sample_have_image_shapes_and_a_seed_repeats_samples(name, one_intra_op_thread):
+    _, method, modules = _method(name)
+    for module in modules.values():
+        module.eval()
+    images = _images()
+    reconstruction = method.reconstruct(modules, images)
+    assert reconstruction is None or reconstruction.shape == images.shape
+    if method.can_sample():
+        first = method.sample(modules, 3, torch.Generator().manual_seed(1))
+        again = method.sample(modules, 3, torch.Generator().manual_seed(1))
+        assert first.shape == (3, 3, RESOLUTION, RESOLUTION) and torch.equal(first, again)
+        assert isinstance(method.sampling_protocol(), dict) and method.sampling_protocol()
+    else:
+        assert method.sample(modules, 3, torch.Generator().manual_seed(1)) is None
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_state_dicts_round_trip_through_safetensors(name, tmp_path, one_intra_op_thread):
+    """What a checkpoint holds rebuilds the same modules: outputs equal after loading into fresh ones."""
+    _, method, modules = _method(name)
+    images = _images()
+    for module in modules.values():
+        module.train()
+    method.loss(method.phases()[0].name, modules, method.prepare(MicroBatch(10**9, images=images)))  # codebooks init
+    torch.manual_seed(123)
+    rebuilt = method.build_modules()  # other random weights
+    for index, (key, module) in enumerate(modules.items()):
+        save_model(module, str(tmp_path / f"model_{index}.safetensors"))
+        load_model(rebuilt[key], str(tmp_path / f"model_{index}.safetensors"))
+    for group in (modules, rebuilt):
+        for module in group.values():
+            module.eval()
+    first, second = method.reconstruct(modules, images), method.reconstruct(rebuilt, images)
+    if first is not None:
+        assert torch.equal(first, second)
+    if method.can_sample():
+        assert torch.equal(
+            method.sample(modules, 2, torch.Generator().manual_seed(5)),
+            method.sample(rebuilt, 2, torch.Generator().manual_seed(5)),
+        )
+
+
+@pytest.mark.parametrize("name", ["vqgan", "introvae"])
+def test_a_later_phase_refuses_a_batch_the_earlier_phase_did_not_see(name, one_intra_op_thread):
+    cfg, method, modules = _method(name)
+    later = method.phases()[1].name
+    with pytest.raises(RuntimeError, match="before the"):
+        method.loss(later, modules, method.prepare(MicroBatch(_every_phase_on(cfg), images=_images())))
+
+
+@pytest.fixture
+def in_process_accelerator():
+    """A one-process CPU accelerator in this pytest process: accelerate's singleton state, torch's thread count and
+    the preemption signal handlers the Trainer sets are put back afterwards."""
+    import signal
+
+    from accelerate.state import AcceleratorState
+
+    from facegen_dist.cluster.preemption import PREEMPT_SIGNALS
+
+    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _train_in_process(tiny_shards, run_dir, total_images: int) -> dict:
+    from facegen_dist.train.loop import run
+
+    cfg = load_config(
+        [],
+        [
+            *TINY,
+            f"data.path={tiny_shards}",
+            f"run.dir={run_dir.parent}",
+            f"run.name={run_dir.name}",
+            f"train.total_images={total_images}",
+            "train.ckpt_every_images=32",
+            "train.log_every_images=16",
+            "train.sample_every_images=1000000",
+            "train.cpu_threads=1",
+        ],
+    )
+    return run(cfg)
+
+
+def test_the_trainer_in_process_trains_checkpoints_and_resumes_exactly(tiny_shards, tmp_path, in_process_accelerator):
+    """The loop itself on one process: a run stopped at 64 images and continued to 96 ends where a straight run does."""
+    straight = _train_in_process(tiny_shards, tmp_path / "straight", 96)
+    assert straight["world_size"] == 1 and straight["images_seen"] == 96 and straight["steps"] == 12
+    assert (tmp_path / "straight" / "summary.json").is_file()
+    first = _train_in_process(tiny_shards, tmp_path / "resumed", 64)
+    assert first["images_seen"] == 64
+    resumed = _train_in_process(tiny_shards, tmp_path / "resumed", 96)
+    assert resumed["images_seen"] == 96 and resumed["steps"] == 12
+    assert resumed["parameter_checksums"] == straight["parameter_checksums"]
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["images_seen"] for r in rows] == [r["images_seen"] for r in straight_rows] == [16, 32, 48, 64, 80, 96]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
