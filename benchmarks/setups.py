@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from facegen_dist.config import load_config
-from facegen_dist.methods import build_method
+from facegen_dist.runs import build_method
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.loop import phase_optimizer
 

@@ -395,7 +395,7 @@ def test_discriminator_phase_scores_the_fakes_as_the_generator_phase_read_them(n
     # concatenated real+fake batch gave D(x_rec) -3.2 in D's phase and +0.3 in G's in a 64 px run,
     # so G trained against scores D never gave.
     from facegen_dist.config import load_config
-    from facegen_dist.methods import build_method
+    from facegen_dist.runs import build_method
 
     model = [o for o in TINY_VQGAN if o.startswith("model.")]
     cfg = load_config([], [*model, f"model.disc_norm={norm}", "model.disc_start_images=0", "model.disc_loss=hinge"])

@@ -33,6 +33,7 @@ from facegen_dist.data.shards import (
 )
 from facegen_dist.errors import DataError
 from facegen_dist.methods.base import VQ_METHODS
+from facegen_dist.runs import restore_run
 
 CODES_KIND = "vq-codes"
 
@@ -171,7 +172,6 @@ def codes_main(argv: list[str]) -> int:
 
     from facegen_dist.accelerator import make_accelerator
     from facegen_dist.data.resolve import resolve_data_dir
-    from facegen_dist.train.restore import restore_run
 
     parser = argparse.ArgumentParser(
         prog="facegen codes",
