@@ -47,8 +47,8 @@ from PIL import Image, ImageFilter, features
 from timing import cpu_model, git_commit
 
 from facegen_dist.data.avatars import render_avatar
+from facegen_dist.data.codecs import decode_image
 from facegen_dist.data.convert import encode_image
-from facegen_dist.data.pipeline import decode_image
 
 FORMATS = ("jpg", "png", "webp", "webp-lossless")
 CONTENTS = ("avatar", "photo-like")

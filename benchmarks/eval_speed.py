@@ -22,7 +22,7 @@ from facegen_dist.config import load_config
 from facegen_dist.eval.extractors import INCEPTION_FILE, Extractor, state_dict_sha256
 from facegen_dist.eval.features import chunk_bounds, to_uint8
 from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics
-from facegen_dist.methods import build_method
+from facegen_dist.runs import build_method
 
 
 def inception(device: torch.device) -> tuple[Extractor, bool]:

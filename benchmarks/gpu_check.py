@@ -629,7 +629,7 @@ def stage_eval(args, report: StageReport) -> None:
     from facegen_dist.eval.extractors import build_extractor
     from facegen_dist.eval.features import chunk_bounds, to_uint8
     from facegen_dist.eval.metrics import compute_feature_metric, feature_statistics
-    from facegen_dist.methods import build_method
+    from facegen_dist.runs import build_method
 
     device = torch.device(args.device)
     num = 200 if args.smoke else args.eval_num

@@ -15,7 +15,8 @@ from accelerate.state import AcceleratorState
 
 from facegen_dist.accelerator import make_accelerator
 from facegen_dist.config import load_config
-from facegen_dist.methods import MicroBatch, build_method
+from facegen_dist.methods import MicroBatch
+from facegen_dist.runs import build_method
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
 from facegen_dist.train.loop import phase_optimizer
 from facegen_dist.train.step import phase_clip, run_phase

@@ -63,8 +63,9 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_dim=200")
     args = parser.parse_intermixed_args(argv)  # `k=v --config X k2=v2` as well as `--config X k=v k2=v2`
     try:
+        # here, not above: the other commands (facegen data, report ...) need no torch or accelerate
         from facegen_dist.config import load_config
-        from facegen_dist.train import run
+        from facegen_dist.train.loop import run
 
         result = run(load_config(args.config, args.overrides))
     except FacegenError as error:

@@ -223,6 +223,7 @@ def load_config(
 
 
 def _validated_model_section(model_section: Any) -> DictConfig:
+    # here: the registry imports torch and every model; only validating a model section needs it
     from facegen_dist.methods import METHODS
 
     if not isinstance(model_section, (dict, DictConfig)) or "name" not in model_section:

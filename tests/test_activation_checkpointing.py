@@ -7,10 +7,11 @@ import torch
 
 from facegen_dist.config import load_config
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods import MicroBatch, build_method
+from facegen_dist.methods import MicroBatch
 from facegen_dist.methods.prior import GPTPriorMethod, PixelCNNPriorMethod
 from facegen_dist.models.gpt import CodeGPT
 from facegen_dist.models.pixelcnn import GatedPixelCNN
+from facegen_dist.runs import build_method
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks, retained_activation_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -72,8 +72,8 @@ def test_introvae_loss_terms_match_a_hand_computed_example():
 
 def test_introvae_decoder_phase_uses_the_same_latents_and_the_updated_encoder():
     from facegen_dist.config import load_config
-    from facegen_dist.methods import build_method
     from facegen_dist.methods.introvae import regularisation
+    from facegen_dist.runs import build_method
 
     cfg = load_config([], [o for o in TINY_INTROVAE if o.startswith("model.")] + ["model.vae_images=0"])
     method = build_method(cfg.model, 32)

@@ -71,7 +71,8 @@ def test_shipped_configs_load(tiny_shards):
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert configs, "no configs shipped"
     from facegen_dist.analysis.suite import load_suite
-    from facegen_dist.methods import METHODS, build_method
+    from facegen_dist.methods import METHODS
+    from facegen_dist.runs import build_method
 
     # suites of runs (facegen suite), not run configs
     suites = [path for path in configs if path.name.startswith("suite_")]

@@ -4,14 +4,17 @@ checkpoints rely on. The multi-process tests check the same methods for real; th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import COMMON, TINY, TINY_VQGAN, TINY_VQVAE2
 from safetensors.torch import load_model, save_model
 
+from facegen_dist import methods
 from facegen_dist.config import load_config
-from facegen_dist.methods import METHODS, MicroBatch, build_method
+from facegen_dist.methods import METHODS, MicroBatch
+from facegen_dist.runs import RestoredRun
 
 TINY_MODELS = {
     "ae": [*TINY, "model.name=ae"],
@@ -22,17 +25,39 @@ TINY_MODELS = {
     "dcgan": [*COMMON, "model.name=dcgan", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8"],
     "introvae": [*COMMON, "model.name=introvae", "model.latent_dim=16", "model.channels=[8,16,16]"],
 }
-IMAGE_METHODS = sorted(TINY_MODELS)
+# A prior's tiny settings, and the VQ method whose (untrained, in-memory) run it is handed.
+TINY_PRIORS = {
+    "pixelcnn_prior": ("vqvae2", ["model.channels=16", "model.layers=2", "model.kernel_size=3"]),
+    "gpt_prior": ("vqgan", ["model.layers=1", "model.heads=2", "model.width=32"]),
+}
+ALL_METHODS = sorted([*TINY_MODELS, *TINY_PRIORS])
 RESOLUTION = 32
 
 
-def test_every_registered_method_is_covered_here_or_by_the_prior_contract():
-    assert set(METHODS) == set(TINY_MODELS) | {"pixelcnn_prior", "gpt_prior"}
+def test_every_registered_method_is_in_this_contract():
+    assert set(METHODS) == set(ALL_METHODS)
+
+
+def _upstream_run(vq_name: str) -> RestoredRun:
+    """What facegen_dist.runs hands a prior: a restored VQ run, here freshly built in memory instead of read."""
+    cfg = load_config([], TINY_MODELS[vq_name])
+    method = methods.build_method(cfg.model, RESOLUTION)
+    torch.manual_seed(1)
+    modules = {name: module.eval().requires_grad_(False) for name, module in method.build_modules().items()}
+    return RestoredRun(Path("in-memory"), cfg, method, modules, Path("ckpt-000000000000"), 0, False)
 
 
 def _method(name: str):
-    cfg = load_config([], TINY_MODELS[name])
-    method = build_method(cfg.model, RESOLUTION)
+    if name in TINY_PRIORS:
+        vq_name, overrides = TINY_PRIORS[name]
+        cfg = load_config([], [*COMMON, f"model.name={name}", "model.vq_run=in-memory", *overrides])
+        method = methods.build_method(cfg.model, RESOLUTION)
+        assert method.upstream_run() == ("in-memory", "")
+        method.use_upstream(_upstream_run(vq_name))
+    else:
+        cfg = load_config([], TINY_MODELS[name])
+        method = methods.build_method(cfg.model, RESOLUTION)
+        assert method.upstream_run() is None
     method.prepare_training()
     torch.manual_seed(0)
     return cfg, method, method.build_modules()
@@ -47,7 +72,7 @@ def _every_phase_on(cfg) -> int:
     return max(int(getattr(cfg.model, key, 0) or 0) for key in ("disc_start_images", "vae_images")) + 1
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_phases_name_existing_modules_once(name, one_intra_op_thread):
     _, method, modules = _method(name)
     phases = method.phases()
@@ -57,7 +82,7 @@ def test_phases_name_existing_modules_once(name, one_intra_op_thread):
     assert set(method.ema_modules()) <= set(modules)
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_each_phase_gives_a_finite_loss_and_gradients_for_its_own_modules(name, one_intra_op_thread):
     cfg, method, modules = _method(name)
     for module in modules.values():
@@ -75,7 +100,7 @@ def test_each_phase_gives_a_finite_loss_and_gradients_for_its_own_modules(name, 
         assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{phase.name}: no gradient reached its modules"
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_reconstruct_and_sample_have_image_shapes_and_a_seed_repeats_samples(name, one_intra_op_thread):
     _, method, modules = _method(name)
     for module in modules.values():
@@ -92,7 +117,7 @@ def test_reconstruct_and_sample_have_image_shapes_and_a_seed_repeats_samples(nam
         assert method.sample(modules, 3, torch.Generator().manual_seed(1)) is None
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_state_dicts_round_trip_through_safetensors(name, tmp_path, one_intra_op_thread):
     """What a checkpoint holds rebuilds the same modules: outputs equal after loading into fresh ones."""
     _, method, modules = _method(name)

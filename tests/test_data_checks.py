@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegen_dist.data.pipeline import ShardStream, StreamSpec, decode_image
+from facegen_dist.data.codecs import decode_image
+from facegen_dist.data.pipeline import ShardStream, StreamSpec
 from facegen_dist.data.shards import split_shards, verify_shards
 from facegen_dist.errors import DataError
 

@@ -215,7 +215,7 @@ def test_bad_sampling_config_names_the_flag(override, match):
 
     from facegen_dist.config import load_config
     from facegen_dist.errors import ConfigError
-    from facegen_dist.methods import build_method
+    from facegen_dist.runs import build_method
 
     config = REPO / "configs" / "prior_vqgan_avatars64.yaml"
     cfg = load_config([str(config)], ["model.vq_run=runs/does-not-exist", override])

@@ -33,10 +33,9 @@ from facegen_dist.config import load_config
 from facegen_dist.data.pipeline import read_images
 from facegen_dist.data.shards import split_shards
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods import build_method
 from facegen_dist.methods.autoencoder import AutoencoderMethod
 from facegen_dist.methods.vqvae import NO_GAUSSIAN_PRIOR
-from facegen_dist.train.restore import restore_run
+from facegen_dist.runs import build_method, restore_run
 
 VIEWS = ("reconstruction", "latent_map", "generation", "interpolation", "attribute_vector")
 LATENT = ["--num", "38", "--batch-size", "8", "--attr", "accessory"]  # the tiny val split has 38 images

@@ -3,8 +3,9 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from facegen_dist.config import load_config
-from facegen_dist.methods import MicroBatch, build_method
+from facegen_dist.methods import MicroBatch
 from facegen_dist.models.autoencoder import ConvAutoencoder, gaussian_kl
+from facegen_dist.runs import build_method
 
 
 @pytest.mark.parametrize("variational", [False, True])

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
+from facegen_dist.schedule import lr_factor
 from facegen_dist.train.loop import _crossed
-from facegen_dist.train.schedule import lr_factor
 
 
 def test_warmup_then_cosine_to_floor():

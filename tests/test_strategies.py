@@ -72,7 +72,7 @@ ZERO3_OFFLOAD_DRIFT = pytest.mark.xfail(
     "strategy", ["ds_zero1", "ds_zero2", pytest.param("ds_zero3_offload", marks=ZERO3_OFFLOAD_DRIFT)]
 )
 def test_deepspeed_trains_what_ddp_trains(strategy, ddp_reference, tiny_shards, tmp_path):
-    from facegen_dist.train.restore import restore_run
+    from facegen_dist.runs import restore_run
 
     _assert_ok(
         run_train(tmp_path, *MATCH_ARGS, f"data.path={tiny_shards}", "run.name=ds", num_processes=2, strategy=strategy)

@@ -17,7 +17,7 @@ def test_compare_reconstructions_draws_every_run_and_reports_eval_numbers(traine
     from facegen_dist.data.pipeline import read_images
     from facegen_dist.data.shards import split_shards
     from facegen_dist.eval.metrics import laplacian_energy, psnr, sharpness
-    from facegen_dist.train.restore import restore_run
+    from facegen_dist.runs import restore_run
 
     run = trained_run / "runs" / "tiny"
     out = tmp_path / "compare.png"

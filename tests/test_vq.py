@@ -11,9 +11,9 @@ from helpers import free_port, leave_two_rank_group
 
 from facegen_dist.config import load_config
 from facegen_dist.errors import ConfigError
-from facegen_dist.methods import build_method
 from facegen_dist.models.quantizer import VectorQuantizer
 from facegen_dist.models.vqvae import VQVAE, VQVAE2
+from facegen_dist.runs import build_method
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
 

@@ -80,10 +80,10 @@ def test_code_extraction_is_the_same_for_one_and_two_processes_and_matches_the_e
 ):
     import torch
 
-    from facegen_dist.data.codes import decode_npy
+    from facegen_dist.data.codecs import decode_npy
     from facegen_dist.data.pipeline import read_images
     from facegen_dist.data.shards import iter_shard_samples, read_manifest, split_shards
-    from facegen_dist.train.restore import restore_run
+    from facegen_dist.runs import restore_run
 
     manifests = {p: read_manifest(folder) for p, folder in code_shards.items()}
     assert manifests[1]["splits"] == manifests[2]["splits"]  # same shard files, counts and sha256

@@ -12,7 +12,6 @@ from helpers import TINY_VQGAN, free_port, leave_two_rank_group
 
 from facegen_dist.errors import ConfigError
 from facegen_dist.methods import MicroBatch
-from facegen_dist.models import perceptual
 from facegen_dist.models.discriminator import ActNorm, PatchDiscriminator
 from facegen_dist.models.gan_losses import (
     adaptive_generator_weight,
@@ -23,10 +22,10 @@ from facegen_dist.models.gan_losses import (
     hinge_d_loss,
     vanilla_d_loss,
 )
-from facegen_dist.models.perceptual import PerceptualLoss
 from facegen_dist.models.vqgan import VQGAN, AttnBlock, ResnetBlock, group_count
 from facegen_dist.models.vqvae import VQVAE
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
+from facegen_dist.weights import ALLOW_DOWNLOAD_ENV, VGG16_FILE, perceptual_loss, vgg16_weights_path
 
 TINY_QUANT = dict(num_codes=32, dead_code_steps=3)
 CH_MULT = {4: (1, 2, 2), 8: (1, 1, 2, 2)}  # downsampling factor -> channel multipliers
@@ -115,7 +114,7 @@ def _gan_graph(seed: int = 0):
     model, critic = tiny_vqgan(4), PatchDiscriminator(ndf=8, n_layers=2)
     images = torch.rand(2, 3, 32, 32)
     reconstruction, _, quant_loss, _ = model(images)
-    nll = F.l1_loss(reconstruction, images) + PerceptualLoss("tiny")(reconstruction, images).mean()
+    nll = F.l1_loss(reconstruction, images) + perceptual_loss("tiny")(reconstruction, images).mean()
     g_loss = generator_adversarial_loss(critic(reconstruction), "hinge")
     return model, nll, g_loss, quant_loss
 
@@ -262,9 +261,9 @@ def test_actnorm_init_is_the_same_on_every_rank_and_uses_all_ranks_data():
 @pytest.mark.parametrize("backbone", ["tiny", "avatar"])
 def test_perceptual_loss_is_a_frozen_deterministic_distance(backbone):
     torch.manual_seed(1)
-    first = PerceptualLoss(backbone)
+    first = perceptual_loss(backbone)
     torch.manual_seed(2)  # the global RNG must not matter
-    second = PerceptualLoss(backbone)
+    second = perceptual_loss(backbone)
     assert [p for p in first.parameters() if p.requires_grad] == []
     images, others = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
     assert torch.equal(first(images, images), torch.zeros(3))
@@ -281,7 +280,7 @@ def test_perceptual_loss_is_a_frozen_deterministic_distance(backbone):
 def test_avatar_perceptual_loss_uses_the_shipped_network_and_ranks_blur_above_identity():
     from facegen_dist.eval.avatar_extractor import load_attribute_net
 
-    loss = PerceptualLoss("avatar")
+    loss = perceptual_loss("avatar")
     net, _ = load_attribute_net()
     assert all(
         torch.equal(a, b) for a, b in zip(loss.net.stages.state_dict().values(), net.trunk.state_dict().values())
@@ -295,7 +294,7 @@ def test_avatar_perceptual_loss_uses_the_shipped_network_and_ranks_blur_above_id
 def empty_hub(tmp_path, monkeypatch):
     """An empty torch hub dir, no download permission, and any download attempt fails the test."""
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    monkeypatch.delenv(perceptual.ALLOW_DOWNLOAD_ENV, raising=False)
+    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV, raising=False)
 
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
@@ -307,26 +306,26 @@ def empty_hub(tmp_path, monkeypatch):
 
 def test_vgg16_without_weights_is_a_one_line_config_error(empty_hub):
     with pytest.raises(ConfigError) as error:
-        PerceptualLoss("vgg16")
+        perceptual_loss("vgg16")
     message = str(error.value)
     assert "\n" not in message and message.startswith("model.perceptual_weights:")
     assert "model.perceptual_weights=/path/to/vgg16-397923af.pth" in message and str(empty_hub) in message
     with pytest.raises(ConfigError, match="no file"):
-        PerceptualLoss("vgg16", weights=str(empty_hub / "missing.pth"))
+        perceptual_loss("vgg16", weights=str(empty_hub / "missing.pth"))
     with pytest.raises(ConfigError, match="backbone"):
-        PerceptualLoss("alexnet")
+        perceptual_loss("alexnet")
 
 
 def test_vgg16_weights_are_looked_up_in_order(empty_hub, tmp_path):
     not_vgg = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(1)}, not_vgg)
     with pytest.raises(ConfigError, match="not a torchvision vgg16 state dict"):
-        PerceptualLoss("vgg16", weights=str(not_vgg))  # fails before building the network
-    cached = empty_hub / "checkpoints" / perceptual.VGG16_FILE
+        perceptual_loss("vgg16", weights=str(not_vgg))  # fails before building the network
+    cached = empty_hub / "checkpoints" / VGG16_FILE
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
-    assert perceptual.vgg16_weights_path() == cached
-    assert perceptual.vgg16_weights_path(str(not_vgg)) == not_vgg  # an explicit path wins over the cache
+    assert vgg16_weights_path() == cached
+    assert vgg16_weights_path(str(not_vgg)) == not_vgg  # an explicit path wins over the cache
 
 
 @pytest.mark.slow
@@ -339,7 +338,7 @@ def test_vgg16_lpips_loads_a_local_state_dict(empty_hub, tmp_path):
     path = tmp_path / "vgg16.pth"
     torch.save(state, path)
 
-    loss = PerceptualLoss("vgg16", weights=str(path))
+    loss = perceptual_loss("vgg16", weights=str(path))
     assert [p for p in loss.parameters() if p.requires_grad] == []
     assert torch.equal(getattr(loss.net.net.slice1, "0").weight, state["features.0.weight"])
     assert torch.equal(getattr(loss.net.net.slice5, "28").bias, state["features.28.bias"])
@@ -396,7 +395,7 @@ def test_discriminator_phase_scores_the_fakes_as_the_generator_phase_read_them(n
     # concatenated real+fake batch gave D(x_rec) -3.2 in D's phase and +0.3 in G's in a 64 px run,
     # so G trained against scores D never gave.
     from facegen_dist.config import load_config
-    from facegen_dist.methods import build_method
+    from facegen_dist.runs import build_method
 
     model = [o for o in TINY_VQGAN if o.startswith("model.")]
     cfg = load_config([], [*model, f"model.disc_norm={norm}", "model.disc_start_images=0", "model.disc_loss=hinge"])

@@ -35,7 +35,7 @@ def compare(run_specs: list[str], num: int, zoom: int, out: Path) -> list[dict]:
     from facegen_dist.data.resolve import resolve_data_dir
     from facegen_dist.data.shards import split_shards
     from facegen_dist.eval.metrics import laplacian_energy, psnr, sharpness
-    from facegen_dist.train.restore import restore_run
+    from facegen_dist.runs import restore_run
 
     state = PartialState(cpu=True)
     restored = [restore_run(run_dir, checkpoint_name=checkpoint) for run_dir, checkpoint in map(_split_run, run_specs)]

@@ -28,7 +28,7 @@ from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import MANIFEST_NAME, read_manifest, split_shards, write_json_atomic
 from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.eval.reference import file_digest
-from facegen_dist.train.restore import RestoredRun, restore_run
+from facegen_dist.runs import RestoredRun, restore_run
 
 SPLIT = "val"
 FIGURE_IMAGES = 64  # val images read in full for the picture views (the first ones of the split)

@@ -52,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _parameters(cfg) -> dict[str, int]:
     """Counted from the modules the config builds; {} where they cannot be built here (a prior whose VQ run is elsewhere)."""
-    from facegen_dist.methods import build_method
+    from facegen_dist.runs import build_method
 
     try:
         modules = build_method(cfg.model, cfg.data.resolution).build_modules()

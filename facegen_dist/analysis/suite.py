@@ -60,7 +60,7 @@ def _evaluated(run_dir: Path) -> bool:
     """An evaluation of the run's newest checkpoint is on disk."""
     import json
 
-    from facegen_dist.train.checkpoint import latest_checkpoint
+    from facegen_dist.checkpoints import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None or not (run_dir / "eval").is_dir():

@@ -108,7 +108,7 @@ class TrainingJob:
     def __call__(self) -> dict:
         from facegen_dist.cluster.preemption import PreemptionWatcher
         from facegen_dist.config import load_config
-        from facegen_dist.train import run
+        from facegen_dist.train.loop import run
 
         os.chdir(self.workdir)
         preemption = PreemptionWatcher()  # before anything slow: a signal during start-up is kept

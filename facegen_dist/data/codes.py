@@ -11,7 +11,6 @@ evaluation of a prior trained on them read.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import sys
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from facegen_dist.data.pipeline import decode_image
+from facegen_dist.data.codecs import decode_image, encode_npy
+from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import (
     ShardWriter,
     file_sha256,
@@ -33,6 +33,7 @@ from facegen_dist.data.shards import (
 )
 from facegen_dist.errors import DataError
 from facegen_dist.methods.base import VQ_METHODS
+from facegen_dist.runs import restore_run
 
 CODES_KIND = "vq-codes"
 
@@ -52,16 +53,6 @@ def image_dir(data_dir: str | os.PathLike) -> Path:
             f"{data_dir}: its codes encode the images at '{source}', which are gone (grids and evaluation need them)"
         )
     return source
-
-
-def encode_npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def decode_npy(payload: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(payload), allow_pickle=False)
 
 
 @torch.no_grad()
@@ -170,8 +161,6 @@ def codes_main(argv: list[str]) -> int:
     import argparse
 
     from facegen_dist.accelerator import make_accelerator
-    from facegen_dist.data.resolve import resolve_data_dir
-    from facegen_dist.train.restore import restore_run
 
     parser = argparse.ArgumentParser(
         prog="facegen codes",

@@ -22,7 +22,6 @@ counts gives ranks different batch counts (DDP hangs). Here the stream is a pure
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -32,9 +31,9 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from facegen_dist.data.codecs import decode_image, decode_npy
 from facegen_dist.data.shards import ShardInfo, ShardReadError, image_extension, iter_shard_samples, read_shard
 from facegen_dist.errors import DataError
 
@@ -58,29 +57,6 @@ class StreamSpec:
     attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Code shards (data/codes.py): batches carry "codes" {level: int64 [B, h, w]} instead of "image", never flipped.
     code_levels: tuple[str, ...] = ()
-
-
-MAX_SOURCE_PIXELS = 4096 * 4096  # and at least 64x the target's pixels (FFHQ's 1024 px for 128 px training)
-
-
-def decode_image(payload: bytes, resolution: int) -> np.ndarray:
-    """Encoded image -> uint8 HWC RGB, centre-cropped to a square and resized (Lanczos) to `resolution`."""
-    with Image.open(io.BytesIO(payload)) as image:
-        # Refuse decompression bombs before decoding: the header gives the size for free.
-        if image.width * image.height > max(64 * resolution * resolution, MAX_SOURCE_PIXELS):
-            raise DataError(f"{image.width}x{image.height} image is too large for {resolution} px training")
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: convert("RGB") would clip at 255
-            scale = 257.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1.0
-            image = Image.fromarray((np.asarray(image, dtype=np.float64) / scale).round().clip(0, 255).astype(np.uint8))
-        image = image.convert("RGB")
-        width, height = image.size
-        side = min(width, height)
-        if width != height:
-            left, top = (width - side) // 2, (height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-        if side != resolution:
-            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-        return np.asarray(image, dtype=np.uint8)
 
 
 class ShardSchedule:
@@ -255,8 +231,6 @@ class ShardStream(IterableDataset):
 
     def _decode_item(self, sample: dict) -> np.ndarray | dict[str, np.ndarray] | None:
         if self.spec.code_levels:
-            from facegen_dist.data.codes import decode_npy
-
             return {level: decode_npy(sample[f"{level}.npy"]).astype(np.int64) for level in self.spec.code_levels}
         extension = image_extension(sample)
         return decode_image(sample[extension], self.spec.resolution) if extension is not None else None

@@ -10,7 +10,7 @@ from facegen_dist.data.resolve import resolve_data_dir
 from facegen_dist.data.shards import read_manifest
 from facegen_dist.eval.evaluate import FEATURE_METRICS, check_metrics, evaluate
 from facegen_dist.eval.extractors import build_extractor
-from facegen_dist.train.restore import restore_run
+from facegen_dist.runs import EVAL_DIR, restore_run
 
 
 def eval_main(argv: list[str]) -> int:
@@ -61,7 +61,7 @@ def eval_main(argv: list[str]) -> int:
             metrics,
             num,
             context,
-            restored.run_dir / "eval",
+            restored.run_dir / EVAL_DIR,
         )
         if accelerator.is_main_process:
             protocol = record["protocol"]
@@ -70,7 +70,7 @@ def eval_main(argv: list[str]) -> int:
             )
             for name, value in record["metrics"].items():
                 print(f"  {name:>18} {value:.6g}")
-            print(f"written to {restored.run_dir / 'eval'}")
+            print(f"written to {restored.run_dir / EVAL_DIR}")
     finally:
         accelerator.end_training()
     return 0

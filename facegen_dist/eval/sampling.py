@@ -21,13 +21,13 @@ from facegen_dist.errors import FacegenError
 from facegen_dist.eval.evaluate import chunk_seed
 from facegen_dist.eval.features import distributed_features, to_uint8
 from facegen_dist.log.images import save_grid
-from facegen_dist.train.restore import restore_run
+from facegen_dist.runs import CONFIG_FILE, restore_run
 
 
 def _overrides(args) -> list[str]:
     extra = list(args.overrides)
     if args.temperature is not None or args.top_k is not None or args.top_p is not None:
-        config = Path(args.run) / "config.yaml"
+        config = Path(args.run) / CONFIG_FILE
         name = OmegaConf.load(config).model.name if config.is_file() else None
         if name is not None and name not in ("pixelcnn_prior", "gpt_prior"):
             raise FacegenError(

@@ -29,7 +29,7 @@ from facegen_dist.data.pipeline import StreamSpec, attribute_labels, make_train_
 from facegen_dist.data.shards import MANIFEST_NAME, file_sha256, read_manifest, split_shards
 from facegen_dist.errors import FacegenError
 from facegen_dist.models.attribute_net import AttributeNet
-from facegen_dist.train.schedule import lr_factor
+from facegen_dist.schedule import lr_factor
 
 CHANNELS = (32, 64, 128, 192)
 

@@ -22,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
 
 
 def build_method(model_cfg, resolution: int) -> Method:
+    """The registry's method, constructed only: facegen_dist.runs.build_method also hands in its upstream run (a prior's)."""
     return METHODS[model_cfg.name](model_cfg, resolution)
 
 

@@ -66,6 +66,16 @@ class Method:
     def phases(self) -> list[Phase]:
         raise NotImplementedError
 
+    def upstream_run(self) -> tuple[str, str] | None:
+        """The finished run this method builds on, as (run folder, checkpoint name; "" = its newest), or None.
+
+        The method reads no files itself: facegen_dist.runs.build_method restores that run and calls `use_upstream`.
+        """
+        return None
+
+    def use_upstream(self, restored) -> None:
+        """Take the run `upstream_run` names (a facegen_dist.runs.RestoredRun, frozen), or raise ConfigError."""
+
     def prepare_training(self) -> None:
         """Called once by the training loop before the first step, not when a run is restored for sampling
         or code extraction: load what only training needs (a perceptual network), failing early."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facegen_dist.errors import ConfigError, FacegenError
+from facegen_dist.errors import ConfigError
 from facegen_dist.methods.base import VQ_METHODS, Method, MicroBatch, Phase
 from facegen_dist.models.gpt import Block, CodeGPT, flatten_codes
 from facegen_dist.models.pixelcnn import GatedLayer, GatedPixelCNN
@@ -63,8 +63,6 @@ class CodePriorMethod(Method):
 
     def __init__(self, model_cfg, resolution: int):
         super().__init__(model_cfg, resolution)
-        from facegen_dist.train.restore import restore_run  # late: restore builds methods
-
         if not model_cfg.vq_run:
             raise ConfigError(
                 f"model.vq_run: required: the folder of a trained {'/'.join(VQ_METHODS)} run, e.g. runs/vqvae2_avatars64"
@@ -81,20 +79,24 @@ class CodePriorMethod(Method):
         ]
         if bad:
             raise ConfigError("; ".join(bad))
-        try:
-            vq_run = restore_run(model_cfg.vq_run, checkpoint_name=model_cfg.vq_checkpoint)
-        except FacegenError as error:
-            raise ConfigError(f"model.vq_run: {error}") from None
+
+    def upstream_run(self) -> tuple[str, str]:
+        return self.cfg.vq_run, self.cfg.vq_checkpoint
+
+    def use_upstream(self, vq_run) -> None:
+        """The frozen VQ run whose codes this prior models (EMA weights, on the CPU)."""
         if vq_run.cfg.model.name not in VQ_METHODS:
             raise ConfigError(
-                f"model.vq_run: {model_cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not {'/'.join(VQ_METHODS)}"
+                f"model.vq_run: {self.cfg.vq_run} is a '{vq_run.cfg.model.name}' run, not {'/'.join(VQ_METHODS)}"
             )
-        if vq_run.cfg.data.resolution != resolution:
-            raise ConfigError(f"data.resolution: {resolution} differs from the VQ run's {vq_run.cfg.data.resolution}")
+        if vq_run.cfg.data.resolution != self.resolution:
+            raise ConfigError(
+                f"data.resolution: {self.resolution} differs from the VQ run's {vq_run.cfg.data.resolution}"
+            )
         self.vq_run = vq_run
         self.vq = vq_run.modules["vqvae"]
         self.num_codes = vq_run.cfg.model.num_codes
-        self.grids = self.vq.grid_shapes(resolution)
+        self.grids = self.vq.grid_shapes(self.resolution)
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -228,11 +230,11 @@ class GPTPriorMethod(CodePriorMethod):
 
     config_class = GPTPriorConfig
 
-    def __init__(self, model_cfg, resolution: int):
-        super().__init__(model_cfg, resolution)
+    def use_upstream(self, vq_run) -> None:
+        super().use_upstream(vq_run)
         if self.levels != ("bottom",):
             raise ConfigError(
-                f"model.vq_run: {model_cfg.vq_run} has {len(self.levels)} code grids; gpt_prior models one "
+                f"model.vq_run: {self.cfg.vq_run} has {len(self.levels)} code grids; gpt_prior models one "
                 "(a vqvae or vqgan run); for vqvae2 use pixelcnn_prior"
             )
         height, width = self.grids["bottom"]

@@ -45,6 +45,7 @@ from facegen_dist.models.gan_losses import (
     score_real_and_fake,
 )
 from facegen_dist.models.vqgan import VQGAN, AttnBlock, Downsample, ResnetBlock, Upsample
+from facegen_dist.weights import perceptual_loss
 
 
 @dataclass
@@ -145,9 +146,7 @@ class VQGANMethod(VQVAEMethod):
     def prepare_training(self) -> None:
         """The perceptual network: only training needs it (a restored run samples and encodes without VGG weights)."""
         if self.cfg.perceptual != "none" and self.cfg.perceptual_weight > 0:
-            from facegen_dist.models.perceptual import PerceptualLoss
-
-            self.perceptual = PerceptualLoss(self.cfg.perceptual, self.cfg.perceptual_weights)
+            self.perceptual = perceptual_loss(self.cfg.perceptual, self.cfg.perceptual_weights)
 
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.cfg

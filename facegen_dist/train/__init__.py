@@ -1,7 +1,1 @@
-"""Training: the loop, checkpoints, schedules, preemption."""
-
-
-def run(cfg, preemption=None):
-    from facegen_dist.train.loop import run as _run
-
-    return _run(cfg, preemption)
+"""Training: the one loop, checkpoint writing, distribution strategies, activation checkpointing."""

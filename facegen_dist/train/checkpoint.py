@@ -5,7 +5,7 @@ and DeepSpeed alike) into `.tmp-ckpt-N/`. Rank 0 adds the EMA weights as `ema_<m
 (not accelerate's pickled custom state: reading a run folder must never run code), full weights
 under DeepSpeed, `trainer_state.json`, and last `manifest.json` (every file's size and sha256),
 then renames the folder to `ckpt-N/`. On start, checkpoints are checked newest first against
-their manifest (`checkpoint_problem`); old ones are renamed away before they are deleted, so an
+their manifest (`facegen_dist.checkpoints`, the read side); old ones are renamed away before they are deleted, so an
 interrupted deletion never leaves a folder that counts.
 """
 
@@ -18,42 +18,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from facegen_dist.checkpoints import FORMAT, MANIFEST_FILE, PREFIX, STATE_FILE, ema_file, list_checkpoints
 from facegen_dist.data.shards import file_sha256
 from facegen_dist.errors import FacegenError
 from facegen_dist.train.strategy import deepspeed_weights_for_inference
 
-STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
-PREFIX = "ckpt-"
-FORMAT = 2  # 2: manifest + EMA safetensors; checkpoints without the key are the first format (no manifest)
-REQUIRED_STATE = ("step", "images_seen", "batches_consumed")
-
 
 def checkpoint_name(images_seen: int) -> str:
     return f"{PREFIX}{images_seen:012d}"
-
-
-def checkpoint_folders(root: Path) -> list[Path]:
-    """Every `ckpt-*` folder, complete or not, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Folders that look complete (a trainer_state.json), oldest first; `checkpoint_problem` says whether they are sound."""
-    return [p for p in checkpoint_folders(root) if (p / STATE_FILE).is_file()]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint whose state and file sizes match its manifest (readers: sampling, evaluation, suites)."""
-    return next((p for p in reversed(list_checkpoints(root)) if checkpoint_problem(p, hashes=False) is None), None)
-
-
-def read_trainer_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
 
 
 def _files(folder: Path) -> list[Path]:
@@ -65,53 +39,11 @@ def write_manifest(folder: Path, images_seen: int) -> None:
     _write_json_synced(folder / MANIFEST_FILE, {"format": FORMAT, "images_seen": images_seen, "files": files})
 
 
-def _trainer_state_problem(folder: Path) -> tuple[dict | None, str | None]:
-    try:
-        state = read_trainer_state(folder)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        return None, f"{STATE_FILE} unreadable ({type(error).__name__})"
-    if not isinstance(state, dict):
-        return None, f"{STATE_FILE} is not a JSON object"
-    missing = [key for key in REQUIRED_STATE if not isinstance(state.get(key), int) or state[key] < 0]
-    if missing:
-        return None, f"{STATE_FILE} lacks a valid {', '.join(missing)}"
-    return state, None
-
-
-def checkpoint_problem(folder: Path, hashes: bool = True) -> str | None:
-    """Why `folder` is not a checkpoint to resume from, or None. `hashes=False` checks sizes only (cheap)."""
-    state, problem = _trainer_state_problem(folder)
-    if problem:
-        return problem
-    if state.get("checkpoint_format", 1) < FORMAT:
-        return None  # first format: no manifest to check against; a load failure still rejects it
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        listed = manifest["files"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        return f"{MANIFEST_FILE} missing or unreadable"
-    if manifest.get("images_seen") != state["images_seen"]:
-        return f"{MANIFEST_FILE} is for {manifest.get('images_seen')} images, {STATE_FILE} for {state['images_seen']}"
-    for name, expected in listed.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} is {path.stat().st_size} bytes, the manifest says {expected['size']}"
-        if hashes and file_sha256(path) != expected["sha256"]:
-            return f"{name} does not match its sha256 in the manifest"
-    return None
-
-
 def assert_finite(modules: dict[str, torch.nn.Module]) -> None:
     for name, module in modules.items():
         for param_name, param in module.named_parameters():
             if not torch.isfinite(param).all():
                 raise FacegenError(f"refusing to checkpoint: {name}.{param_name} holds NaN/inf")
-
-
-def ema_file(name: str) -> str:
-    return f"ema_{name}.safetensors"
 
 
 def save_ema(folder: Path, emas: dict) -> None:
@@ -121,15 +53,6 @@ def save_ema(folder: Path, emas: dict) -> None:
             {key: value.detach().cpu().clone().contiguous() for key, value in ema.state_dict().items()},
             str(folder / ema_file(name)),
         )
-
-
-def load_ema_state(folder: Path, name: str, index: int) -> dict[str, torch.Tensor]:
-    """The EMA state of module `name` (index: its place in ema_modules(), for first-format checkpoints)."""
-    path = folder / ema_file(name)
-    if path.is_file():
-        return load_file(str(path))
-    legacy = folder / f"custom_checkpoint_{index}.pkl"  # first format: accelerate's pickle of a tensor dict
-    return torch.load(legacy, map_location="cpu", weights_only=True)
 
 
 def _write_json_synced(path: Path, payload: dict) -> None:

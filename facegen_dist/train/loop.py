@@ -25,6 +25,14 @@ from accelerate.utils import set_seed
 from ema_pytorch import EMA
 from omegaconf import OmegaConf
 
+from facegen_dist import runs
+from facegen_dist.checkpoints import (
+    checkpoint_folders,
+    checkpoint_problem,
+    list_checkpoints,
+    load_ema_state,
+    read_trainer_state,
+)
 from facegen_dist.cluster.preemption import PreemptionWatcher
 from facegen_dist.config import to_dict, to_yaml
 from facegen_dist.data.codes import image_dir, is_code_dataset
@@ -38,20 +46,12 @@ from facegen_dist.eval.metrics import METRICS
 from facegen_dist.log.images import interleave_rows, save_grid
 from facegen_dist.log.logger import NullLogger, RunLogger, truncate_metrics
 from facegen_dist.log.stats import StatsCollector
-from facegen_dist.methods import MicroBatch, build_method
+from facegen_dist.methods import MicroBatch
+from facegen_dist.schedule import lr_factor
 from facegen_dist.train import strategy, universal_checkpoint
 from facegen_dist.train.activation_checkpointing import checkpoint_blocks
-from facegen_dist.train.checkpoint import (
-    checkpoint_folders,
-    checkpoint_problem,
-    list_checkpoints,
-    load_ema_state,
-    rank_file,
-    read_trainer_state,
-    save_checkpoint,
-)
+from facegen_dist.train.checkpoint import rank_file, save_checkpoint
 from facegen_dist.train.resume_checks import changed_shapes, non_finite_parameter
-from facegen_dist.train.schedule import lr_factor
 from facegen_dist.train.step import phase_clip, run_phase
 from facegen_dist.train.sync import parameter_checksums
 
@@ -128,7 +128,7 @@ class Trainer:
         self.val_shards = split_shards(self.image_dir, "val")
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.method = build_method(cfg.model, cfg.data.resolution)
+        self.method = runs.build_method(cfg.model, cfg.data.resolution)
         strategy.check_supported(acc, self.method, cfg.model.name)
         strategy.configure_deepspeed(acc, cfg)
         if self.code_levels:
