@@ -204,3 +204,17 @@ def test_the_trainer_in_process_trains_checkpoints_and_resumes_exactly(tiny_shar
     straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["images_seen"] for r in rows] == [r["images_seen"] for r in straight_rows] == [16, 32, 48, 64, 80, 96]
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+
+
+def test_the_readme_python_snippet_runs_on_a_trained_run(tiny_shards, tmp_path, in_process_accelerator):
+    """The README's "From Python" block, run as written on a run folder trained here (its path swapped in)."""
+    import re
+
+    _train_in_process(tiny_shards, tmp_path / "vae_avatars64", 16)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'restore_run("runs/vae_avatars64")' in block
+    scope: dict = {}
+    exec(block.replace("runs/vae_avatars64", str(tmp_path / "vae_avatars64")), scope)  # noqa: S102
+    assert scope["samples"].shape == (16, 3, 32, 32) and 0 <= scope["samples"].min() <= scope["samples"].max() <= 1
+    assert scope["reconstructions"].shape == scope["samples"].shape and scope["run"].images_seen == 16
