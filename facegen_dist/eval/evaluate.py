@@ -96,74 +96,115 @@ def evaluate(
 
     sample_metrics = [m for m in metrics if METRICS[m].needs == "samples"]
     if sample_metrics:
-
-        def make_samples(chunk, start, end):
-            with torch.no_grad(), accelerator.autocast():
-                images = method.sample(
-                    modules, end - start, torch.Generator().manual_seed(chunk_seed(eval_cfg.seed, chunk))
-                )
-            if images is None:
-                raise FacegenError(
-                    f"eval: {type(method).__name__} cannot generate samples, so {sample_metrics} cannot be computed"
-                )
-            return {"images": to_uint8(images)}
-
-        generated = distributed_features(accelerator, num, batch, make_samples, extractor, "generating + features")
-        for metric in sample_metrics:
-            layer = extractor.layers[metric]
-            result = compute_feature_metric(
-                metric,
-                generated[f"feat/{layer}"],
-                reference.get(layer) if reference else None,
+        values.update(
+            _sample_metrics(
+                accelerator,
+                method,
+                modules,
+                eval_cfg,
+                sample_metrics,
+                num,
+                batch,
+                extractor,
+                reference,
                 reference_stats,
-                eval_cfg.seed,
             )
-            values.update({value_names(metric, extractor.name)[k]: float(v) for k, v in result.items()})
-
+        )
     recon_metrics = [m for m in metrics if METRICS[m].needs == "reconstructions"]
     if recon_metrics:
-        read_chunk = split_chunk_reader(data_dir, eval_cfg.split, num_reference, batch, resolution, accelerator)
-
-        def make_reconstructions(chunk, start, end):
-            inputs = read_chunk(chunk, start, end).to(accelerator.device).float().div(255)
-            with torch.no_grad(), accelerator.autocast():
-                output = method.reconstruct(modules, inputs)
-            if output is None:
-                raise FacegenError(
-                    f"eval: {type(method).__name__} does not reconstruct, so {recon_metrics} cannot be computed"
-                )
-            output = output.float().clamp(0, 1)
-            return {
-                "images": to_uint8(output),
-                "psnr": psnr(output, inputs),
-                "ssim": ssim(output, inputs),
-                "energy_reconstructed": laplacian_energy(output),
-                "energy_input": laplacian_energy(inputs),
-            }
-
-        recon = distributed_features(
-            accelerator,
-            num_reference,
-            batch,
-            make_reconstructions,
-            extractor if "rfid" in recon_metrics else None,
-            "reconstructing",
-        )
-        if "rfid" in recon_metrics:
-            result = compute_feature_metric(
-                "rfid", recon[f"feat/{extractor.layers['rfid']}"], None, reference_stats, eval_cfg.seed
+        reader = split_chunk_reader(data_dir, eval_cfg.split, num_reference, batch, resolution, accelerator)
+        values.update(
+            _reconstruction_metrics(
+                accelerator,
+                method,
+                modules,
+                eval_cfg,
+                recon_metrics,
+                num_reference,
+                batch,
+                extractor,
+                reader,
+                reference_stats,
             )
-            values.update({value_names("rfid", extractor.name)[k]: float(v) for k, v in result.items()})
-        for metric in ("psnr", "ssim"):
-            if metric in recon_metrics:
-                values[metric] = float(recon[metric].double().mean())
-        if "sharpness" in recon_metrics:
-            values["sharpness"] = sharpness(recon["energy_reconstructed"], recon["energy_input"])
+        )
     protocol["seconds"] = time.perf_counter() - started
     record = {"metrics": values, "protocol": protocol}
     if out_dir is not None and accelerator.is_main_process:
         write_record(record, out_dir)
     return record
+
+
+def _sample_metrics(
+    accelerator, method, modules, eval_cfg, metrics, num, batch, extractor, reference, reference_stats
+) -> dict[str, float]:
+    """FID/KID/PR/IS of `num` samples drawn over every rank, seeded per chunk (the same images for any world size)."""
+
+    def make_samples(chunk, start, end):
+        with torch.no_grad(), accelerator.autocast():
+            images = method.sample(
+                modules, end - start, torch.Generator().manual_seed(chunk_seed(eval_cfg.seed, chunk))
+            )
+        if images is None:
+            raise FacegenError(
+                f"eval: {type(method).__name__} cannot generate samples, so {metrics} cannot be computed"
+            )
+        return {"images": to_uint8(images)}
+
+    generated = distributed_features(accelerator, num, batch, make_samples, extractor, "generating + features")
+    values = {}
+    for metric in metrics:
+        layer = extractor.layers[metric]
+        result = compute_feature_metric(
+            metric,
+            generated[f"feat/{layer}"],
+            reference.get(layer) if reference else None,
+            reference_stats,
+            eval_cfg.seed,
+        )
+        values.update({value_names(metric, extractor.name)[k]: float(v) for k, v in result.items()})
+    return values
+
+
+def _reconstruction_metrics(
+    accelerator, method, modules, eval_cfg, metrics, num_reference, batch, extractor, read_chunk, reference_stats
+) -> dict[str, float]:
+    """rFID, PSNR, SSIM and sharpness of the reconstructions of `num_reference` held-out images, over every rank."""
+
+    def make_reconstructions(chunk, start, end):
+        inputs = read_chunk(chunk, start, end).to(accelerator.device).float().div(255)
+        with torch.no_grad(), accelerator.autocast():
+            output = method.reconstruct(modules, inputs)
+        if output is None:
+            raise FacegenError(f"eval: {type(method).__name__} does not reconstruct, so {metrics} cannot be computed")
+        output = output.float().clamp(0, 1)
+        return {
+            "images": to_uint8(output),
+            "psnr": psnr(output, inputs),
+            "ssim": ssim(output, inputs),
+            "energy_reconstructed": laplacian_energy(output),
+            "energy_input": laplacian_energy(inputs),
+        }
+
+    recon = distributed_features(
+        accelerator,
+        num_reference,
+        batch,
+        make_reconstructions,
+        extractor if "rfid" in metrics else None,
+        "reconstructing",
+    )
+    values = {}
+    if "rfid" in metrics:
+        result = compute_feature_metric(
+            "rfid", recon[f"feat/{extractor.layers['rfid']}"], None, reference_stats, eval_cfg.seed
+        )
+        values.update({value_names("rfid", extractor.name)[k]: float(v) for k, v in result.items()})
+    for metric in ("psnr", "ssim"):
+        if metric in metrics:
+            values[metric] = float(recon[metric].double().mean())
+    if "sharpness" in metrics:
+        values["sharpness"] = sharpness(recon["energy_reconstructed"], recon["energy_input"])
+    return values
 
 
 def write_record(record: dict, out_dir: Path) -> Path:
