@@ -94,39 +94,22 @@ def evaluate(
             "layers": extractor.layers,
         }
 
+    shared = dict(
+        accelerator=accelerator,
+        method=method,
+        modules=modules,
+        eval_cfg=eval_cfg,
+        batch=batch,
+        extractor=extractor,
+        reference_stats=reference_stats,
+    )
     sample_metrics = [m for m in metrics if METRICS[m].needs == "samples"]
     if sample_metrics:
-        values.update(
-            _sample_metrics(
-                accelerator,
-                method,
-                modules,
-                eval_cfg,
-                sample_metrics,
-                num,
-                batch,
-                extractor,
-                reference,
-                reference_stats,
-            )
-        )
+        values.update(_sample_metrics(sample_metrics, num, reference, **shared))
     recon_metrics = [m for m in metrics if METRICS[m].needs == "reconstructions"]
     if recon_metrics:
         reader = split_chunk_reader(data_dir, eval_cfg.split, num_reference, batch, resolution, accelerator)
-        values.update(
-            _reconstruction_metrics(
-                accelerator,
-                method,
-                modules,
-                eval_cfg,
-                recon_metrics,
-                num_reference,
-                batch,
-                extractor,
-                reader,
-                reference_stats,
-            )
-        )
+        values.update(_reconstruction_metrics(recon_metrics, num_reference, reader, **shared))
     protocol["seconds"] = time.perf_counter() - started
     record = {"metrics": values, "protocol": protocol}
     if out_dir is not None and accelerator.is_main_process:
@@ -135,7 +118,7 @@ def evaluate(
 
 
 def _sample_metrics(
-    accelerator, method, modules, eval_cfg, metrics, num, batch, extractor, reference, reference_stats
+    metrics, num, reference, *, accelerator, method, modules, eval_cfg, batch, extractor, reference_stats
 ) -> dict[str, float]:
     """FID/KID/PR/IS of `num` samples drawn over every rank, seeded per chunk (the same images for any world size)."""
 
@@ -166,7 +149,7 @@ def _sample_metrics(
 
 
 def _reconstruction_metrics(
-    accelerator, method, modules, eval_cfg, metrics, num_reference, batch, extractor, read_chunk, reference_stats
+    metrics, num_reference, read_chunk, *, accelerator, method, modules, eval_cfg, batch, extractor, reference_stats
 ) -> dict[str, float]:
     """rFID, PSNR, SSIM and sharpness of the reconstructions of `num_reference` held-out images, over every rank."""
 
