@@ -1,4 +1,4 @@
-"""`facegen latent --run runs/X [--run runs/Y ...] --out DIR` (also under `accelerate launch -m facegen_dist.cli latent ...`).
+"""The latent study of run folders, what `facegen latent --run runs/X [--run runs/Y ...] --out DIR` runs.
 
 Every rank restores the runs, checks the input and encodes its share of the val images; the
 latents are gathered and the main process computes the numbers, draws the figures and writes
@@ -8,7 +8,6 @@ bad input stops all ranks with the same one-line error instead of leaving some w
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,8 +48,10 @@ class Subject:
         return f"{cfg.run.name} ({cfg.model.name.upper()}) · {self.restored.images_seen:,} images · {weights}"
 
 
-def _prepare(accelerator, run_dir: str, args) -> Subject:
-    restored = restore_run(run_dir, args.overrides, device=accelerator.device, use_ema=not args.no_ema)
+def _prepare(
+    accelerator, run_dir: str, options: StudyOptions, num: int, batch_size: int, use_ema: bool, overrides: list[str]
+) -> Subject:
+    restored = restore_run(run_dir, overrides, device=accelerator.device, use_ema=use_ema)
     model = restored.method.latent_model(restored.modules)
     if model is None:
         raise FacegenError(
@@ -58,18 +59,19 @@ def _prepare(accelerator, run_dir: str, args) -> Subject:
         )
     data_dir = image_dir(resolve_data_dir(restored.cfg.data, accelerator))
     vocabulary = read_manifest(data_dir).get("attributes", {})
-    if args.attr not in vocabulary:
+    if options.attr not in vocabulary:
         raise ConfigError(
-            f"--attr {args.attr}: the data of {run_dir} ({data_dir}) has no such attribute; it has {', '.join(sorted(vocabulary)) or 'none'}"
+            f"--attr {options.attr}: the data of {run_dir} ({data_dir}) has no such attribute; it has {', '.join(sorted(vocabulary)) or 'none'}"
         )
     shards = split_shards(data_dir, SPLIT)
-    num = min(args.num, count_split_images(shards))
-    if math.ceil(num / args.batch_size) < accelerator.num_processes:
+    num = min(num, count_split_images(shards))
+    if math.ceil(num / batch_size) < accelerator.num_processes:
         raise ConfigError(
-            f"--batch-size {args.batch_size}: {num} images give fewer batches than the {accelerator.num_processes} processes; lower it"
+            f"--batch-size {batch_size}: {num} images give fewer batches than the {accelerator.num_processes} processes; lower it"
         )
-    values = [str(attributes.get(args.attr, "(missing)")) for attributes in read_split_attributes(shards, num)]
-    choose_attribute_value(values, args.attr, args.attr_value)  # fails here, on every rank, rather than after encoding
+    values = [str(attributes.get(options.attr, "(missing)")) for attributes in read_split_attributes(shards, num)]
+    # fails here, on every rank, rather than after encoding
+    choose_attribute_value(values, options.attr, options.attr_value)
     return Subject(restored, model, data_dir, num, values)
 
 
@@ -88,74 +90,24 @@ def _run_record(subject: Subject, numbers: dict) -> dict:
     }
 
 
-def _number(value: float | None) -> str:
-    return "n/a (singular fit)" if value is None else f"{value:.4g}"
+def study_runs(
+    run_dirs: list[str],
+    out: str,
+    options: StudyOptions,
+    num: int,
+    batch_size: int,
+    use_ema: bool,
+    overrides: list[str],
+) -> tuple[list[dict], list[Path]] | None:
+    """Study each run's latent space on `num` val images and write the figures and latent.json to `out`.
 
-
-def _summary(record: dict) -> str:
-    latent_map, generation = record["latent_map"], record["generation"]
-    if latent_map["kl_gaussian_fit"] is None:
-        kl = f"KL(diagonal fit||N(0,I)) {_number(latent_map['kl_diagonal_gaussian_fit'])}"
-    else:
-        kl = f"KL(fit||N(0,I)) {_number(latent_map['kl_gaussian_fit'])}"
-    if "skipped" in generation:
-        prior = "prior samples: none (no N(0, I) prior)"
-    else:
-        prior = f"Mahalanobis median: prior z {_number(generation['mahalanobis_prior_median'])}, codes {_number(generation['mahalanobis_code_median'])}"
-    return (
-        f"{record['run']} ({record['model']}, {record['images_seen']:,} images{', EMA' if record['ema'] else ''}): "
-        f"PSNR {record['reconstruction']['psnr_mean']:.2f} dB | {kl} | "
-        f"{latent_map['knn']['k']}-NN {latent_map['attr']} {latent_map['knn']['accuracy']:.3f} (majority {latent_map['knn']['majority_baseline']:.3f}) | {prior}"
-    )
-
-
-def latent_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="facegen latent",
-        description="Latent-space study of trained runs: reconstruction, latent map, prior samples, interpolation, attribute vectors.",
-        epilog="Example: facegen latent --run runs/vae_avatars64 --run runs/ae_avatars64 --out study --attr hair_color",
-    )
-    parser.add_argument(
-        "--run", action="append", required=True, help="run folder (repeat to compare runs side by side)"
-    )
-    parser.add_argument("--out", required=True, help="folder for the PNGs and latent.json")
-    parser.add_argument(
-        "--num",
-        type=int,
-        default=2000,
-        help="val images encoded for the latent map and its numbers (capped at the split size)",
-    )
-    parser.add_argument(
-        "--attr", default="hair_color", help="avatar attribute that colours the map and makes the attribute vector"
-    )
-    parser.add_argument(
-        "--attr-value",
-        default=None,
-        help="value for the attribute vector (default: the most common one other than 'none')",
-    )
-    parser.add_argument(
-        "--samples", type=int, default=64, help="prior samples in the generation grid (a square number fills it)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="prior samples, k-NN split and t-SNE")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=100,
-        help="images encoded together (fixed so results do not depend on the process count)",
-    )
-    parser.add_argument("--no-ema", action="store_true", help="study the raw weights instead of the EMA")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.cache_dir=/data")
-    args = parser.parse_args(argv)
-    if args.num < 10:
-        raise ConfigError(f"--num {args.num}: needs at least 10 images")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.samples < 1:
-        raise ConfigError(f"--samples {args.samples}: must be >= 1")
-    options = StudyOptions(attr=args.attr, attr_value=args.attr_value, seed=args.seed, prior_samples=args.samples)
+    Every process calls it. Returns (one record per run, the figures) on the main process, None on the others.
+    """
     accelerator = make_accelerator()
     try:
-        subjects = [_prepare(accelerator, run_dir, args) for run_dir in args.run]
+        subjects = [
+            _prepare(accelerator, run_dir, options, num, batch_size, use_ema, overrides) for run_dir in run_dirs
+        ]
         studies, records = [], []
         for subject in subjects:
             resolution = subject.restored.cfg.data.resolution
@@ -165,7 +117,7 @@ def latent_main(argv: list[str]) -> int:
                 subject.data_dir,
                 SPLIT,
                 subject.num,
-                args.batch_size,
+                batch_size,
                 resolution,
                 f"encoding {subject.restored.cfg.run.name}",
             )
@@ -179,24 +131,19 @@ def latent_main(argv: list[str]) -> int:
         if accelerator.is_main_process:
             from facegen_dist.analysis.figures import save_figures
 
-            out_dir = Path(args.out)
+            out_dir = Path(out)
             figures = save_figures(studies, out_dir)
             protocol = {
                 "split": SPLIT,
-                "num_requested": args.num,
-                "batch_size": args.batch_size,
+                "num_requested": num,
+                "batch_size": batch_size,
                 "facegen_version": __version__,
                 **asdict(options),
             }
             write_json_atomic(
                 out_dir / "latent.json", {"protocol": protocol, "runs": records}, indent=1, sort_keys=False
             )
-            for record in records:
-                print(_summary(record))
-            notes = {record["latent_map"]["tsne"].get("skipped") for record in records} - {None}
-            for note in notes:
-                print(note)
-            print(f"wrote {', '.join(path.name for path in figures)} and latent.json to {out_dir}")
+            return records, figures
+        return None
     finally:
         accelerator.end_training()
-    return 0

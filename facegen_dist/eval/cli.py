@@ -1,8 +1,6 @@
-"""`facegen eval --run runs/X --metrics fid,kid,prc --num 10000` (also under `accelerate launch -m facegen_dist.cli eval ...`)."""
+"""Evaluating a run folder, what `facegen eval --run runs/X --metrics fid,kid,prc --num 10000` runs (commands/eval.py)."""
 
 from __future__ import annotations
-
-import argparse
 
 from facegen_dist.accelerator import make_accelerator
 from facegen_dist.data.codes import image_dir
@@ -13,32 +11,26 @@ from facegen_dist.eval.extractors import build_extractor
 from facegen_dist.train.restore import restore_run
 
 
-def eval_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="facegen eval", description="FID/KID/precision-recall/rFID/PSNR/SSIM of a trained run, with its protocol."
-    )
-    parser.add_argument("--run", required=True, help="run folder, e.g. runs/vae_avatars64")
-    parser.add_argument(
-        "--metrics",
-        default=None,
-        help="comma list from fid,kid,prc,isc,rfid,psnr,ssim,sharpness (default: eval.metrics of the run)",
-    )
-    parser.add_argument("--num", type=int, default=None, help="generated samples (default: eval.num_samples)")
-    parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
-    parser.add_argument(
-        "--extractor",
-        default=None,
-        help="inception-v3-compat | avatar | auto | a registered name (default: eval.extractor)",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.inception_weights=/path/weights.pth")
-    args = parser.parse_args(argv)
+def evaluate_run(
+    run: str,
+    metrics: list[str] | None,
+    num: int | None,
+    use_ema: bool,
+    extractor_name: str | None,
+    overrides: list[str],
+):
+    """Evaluate run folder `run` and write the record to its eval/; every process calls it.
+
+    None means the run's eval.metrics / eval.num_samples / eval.extractor. Returns (the restored run,
+    the record) on the main process, None on the others.
+    """
     accelerator = make_accelerator()
     try:
-        overrides = list(args.overrides) + ([f"eval.extractor={args.extractor}"] if args.extractor else [])
-        restored = restore_run(args.run, overrides, device=accelerator.device, use_ema=not args.no_ema)
+        overrides = list(overrides) + ([f"eval.extractor={extractor_name}"] if extractor_name else [])
+        restored = restore_run(run, overrides, device=accelerator.device, use_ema=use_ema)
         cfg = restored.cfg
-        metrics = check_metrics(args.metrics.split(",") if args.metrics else list(cfg.eval.metrics))
-        num = args.num or cfg.eval.num_samples
+        metrics = check_metrics(metrics or list(cfg.eval.metrics))
+        num = num or cfg.eval.num_samples
         data_dir = image_dir(resolve_data_dir(cfg.data, accelerator))  # a prior trained on code shards: their images
         needs = [m for m in metrics if m in FEATURE_METRICS]
         extractor = (
@@ -63,14 +55,6 @@ def eval_main(argv: list[str]) -> int:
             context,
             restored.run_dir / "eval",
         )
-        if accelerator.is_main_process:
-            protocol = record["protocol"]
-            print(
-                f"{cfg.run.name} @ {restored.images_seen} images ({'EMA' if restored.ema else 'raw'}), {protocol['num_generated']} samples vs {protocol['num_reference']} {cfg.eval.split} images, extractor {protocol.get('extractor', {}).get('name', '-')}:"
-            )
-            for name, value in record["metrics"].items():
-                print(f"  {name:>18} {value:.6g}")
-            print(f"written to {restored.run_dir / 'eval'}")
+        return (restored, record) if accelerator.is_main_process else None
     finally:
         accelerator.end_training()
-    return 0
