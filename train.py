@@ -1,8 +1,8 @@
-"""Entry point for `accelerate launch train.py [--config FILE] [key=value ...]`."""
+"""Entry point for `accelerate launch train.py [--config FILE] [key=value ...]`: the same as `facegen train`."""
 
 import sys
 
-from facegen_dist.cli import exit_process, train_main
+from facegen_dist.cli import main
 
 if __name__ == "__main__":
-    sys.exit(exit_process(train_main(sys.argv[1:])))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""`facegen` command line: train, data. User errors print one line and exit 2."""
+"""`facegen` command line: one parser, a subcommand per module of facegen_dist.commands. User errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import importlib
 import os
 import sys
 
-from facegen_dist.cluster.teardown import end_without_teardown
+from facegen_dist.commands import NAMES
+from facegen_dist.commands import is_main_rank as _is_main_rank
 from facegen_dist.errors import FacegenError
-
-
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def exit_process(code: int) -> int:
@@ -21,6 +18,9 @@ def exit_process(code: int) -> int:
     Why: facegen_dist.cluster.teardown.end_without_teardown (gloo's threads can abort a finished run).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # imported only here: its logging and typing imports were a fifth of `facegen data --help`'s start-up
+        from facegen_dist.cluster.teardown import end_without_teardown
+
         end_without_teardown(code)
     return code
 
@@ -53,85 +53,83 @@ def _lost_peer(error: RuntimeError) -> str | None:
     )
 
 
-def train_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train a model. Run it under `accelerate launch` for several GPUs/processes.",
-        epilog="Example: accelerate launch train.py --config configs/vae_avatars64.yaml train.total_images=20000 run.name=x",
-    )
-    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_dim=200")
-    args = parser.parse_intermixed_args(argv)  # `k=v --config X k2=v2` as well as `--config X k=v k2=v2`
-    try:
-        # here, not above: the other commands (facegen data, report ...) need no torch or accelerate
-        from facegen_dist.config import load_config
-        from facegen_dist.train.loop import run
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-        result = run(load_config(args.config, args.overrides))
+    try:
+        return version("facegen-dist")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        import facegen_dist
+
+        return getattr(facegen_dist, "__version__", "unknown")
+
+
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, with the version looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"facegen {_version()}")
+        parser.exit()
+
+
+def _command(name: str):
+    return importlib.import_module(f"facegen_dist.commands.{name}")
+
+
+def build_parser(names: tuple[str, ...] = NAMES) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `facegen` parser with the commands `names`, and each command's own parser by name."""
+    parser = argparse.ArgumentParser(
+        prog="facegen",
+        description="Train, evaluate and study face/avatar generators, on one machine or a SLURM cluster.",
+    )
+    parser.add_argument("--version", action=_VersionAction, help="show the installed version and exit")
+    # dest stays unset: `command` is taken by `facegen data`'s own subcommand and by `facegen launch -- ...`
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    commands = {}
+    for name in names:
+        commands[name] = _command(name).build_parser(subparsers)
+        commands[name].set_defaults(facegen_command=name)
+    return parser, commands
+
+
+def _parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    # A command named first is the only one imported and built; the full list is for help and mistakes.
+    parser, commands = build_parser((argv[0],) if argv[0] in NAMES else NAMES)
+    args, unknown = parser.parse_known_args(argv)
+    name = args.facegen_command
+    if argv[0] != name:  # `facegen` itself takes no option but -h and --version, which exit
+        parser.error(f"unrecognized arguments: {' '.join(argv[: argv.index(name)])}")
+    if getattr(_command(name), "INTERMIXED", False):
+        return name, commands[name].parse_intermixed_args(argv[1:])
+    if unknown:  # said by the command's parser, as when each command parsed its own arguments
+        commands[name].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return name, args
+
+
+def _run(name: str, args: argparse.Namespace) -> int:
+    try:
+        return _command(name).run(args)
     except FacegenError as error:
         return _fail(str(error))
     except RuntimeError as error:
-        message = _lost_peer(error)
+        # Only training has a checkpoint to resume from; another command's lost peer keeps its traceback.
+        message = _lost_peer(error) if name == "train" else None
         if message is None:
             raise
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node: rank 0 may be the one that is gone
             print(f"facegen: error: {message}", file=sys.stderr, flush=True)
         return 2
-    if result.get("preempted") and _is_main_rank():
-        from facegen_dist.cluster.slurm import after_preemption
-
-        print(f"facegen: {after_preemption()}", file=sys.stderr, flush=True)
-    return 0
-
-
-def _delegate(module: str, function: str):
-    """A subcommand living in `module` (imported on use, so `facegen data` does not load torch-fidelity)."""
-
-    def run(argv: list[str]) -> int:
-        try:
-            return getattr(importlib.import_module(module), function)(argv)
-        except FacegenError as error:
-            return _fail(str(error))
-
-    return run
-
-
-eval_main = _delegate("facegen_dist.eval.cli", "eval_main")
-extractor_main = _delegate("facegen_dist.eval.train_extractor", "extractor_main")
-latent_main = _delegate("facegen_dist.analysis.cli", "latent_main")
-sample_main = _delegate("facegen_dist.eval.sampling", "sample_main")
-data_main = _delegate("facegen_dist.data.cli", "data_main")
-codes_main = _delegate("facegen_dist.data.codes", "codes_main")
-launch_main = _delegate("facegen_dist.cluster.slurm", "launch_main")
-submit_main = _delegate("facegen_dist.cluster.submit", "submit_main")
-report_main = _delegate("facegen_dist.analysis.report", "report_main")
-suite_main = _delegate("facegen_dist.analysis.suite", "suite_main")
-
-
-COMMANDS = {
-    "train": train_main,
-    "data": data_main,
-    "eval": eval_main,
-    "extractor": extractor_main,
-    "latent": latent_main,
-    "sample": sample_main,
-    "codes": codes_main,
-    "launch": launch_main,
-    "submit": submit_main,
-    "report": report_main,
-    "suite": suite_main,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(
-            "usage: facegen {train,submit,launch,data,codes,eval,sample,extractor,latent,report,suite} ...\n  train  train a model (same as train.py)\n  submit submit a training run to SLURM with submitit (or --local)\n  launch inside an sbatch script: srun facegen launch -- train ... (accelerate launch with SLURM's rendezvous)\n  data   make shards (avatars, ffhq, cartoonset, folder) or verify them\n  codes  encode a VQ run's images into code shards for its prior\n  eval   FID/KID/PR/rFID/PSNR/SSIM of a run, with protocol\n  sample samples of a trained run as a PNG grid (shards over processes)\n  extractor train  train the avatar feature extractor\n  latent latent-space study of runs: reconstruction, latent map, prior samples, interpolation, attribute vectors\n  report compare runs: cost, quality, codebooks, grids and curves (Markdown + HTML)\n  suite  train + evaluate + report a suite of runs on one image budget",
-            file=sys.stderr,
-        )
-        return 2 if argv and argv[0] not in ("-h", "--help") else 0
-    return exit_process(COMMANDS[argv[0]](argv[1:]))
+    if not argv:
+        build_parser()[0].print_help(sys.stderr)
+        return 2
+    return exit_process(_run(*_parse(argv)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the modules the run's config builds (no weights are loaded).
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import shutil
@@ -325,20 +324,3 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
         f"<!doctype html><html><head><meta charset='utf-8'><title>facegen report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )
     return out / "report.md"
-
-
-def report_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="facegen report",
-        description="Markdown + HTML comparison of trained runs, from their files.",
-        epilog="Example: facegen report --runs runs/* --out report/",
-    )
-    parser.add_argument("--runs", nargs="+", required=True, help="run folders (each with config.yaml)")
-    parser.add_argument("--out", required=True, help="output folder for report.md, report.html and the figures")
-    args = parser.parse_args(argv)
-    run_dirs = [Path(p) for p in args.runs if (Path(p) / "config.yaml").is_file()]
-    if not run_dirs:
-        raise FacegenError(f"--runs: none of {args.runs} is a run folder (with config.yaml)")
-    path = build_report(run_dirs, Path(args.out))
-    print(f"facegen report: {len(run_dirs)} run(s) -> {path} and {path.with_suffix('.html')}")
-    return 0

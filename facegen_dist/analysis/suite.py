@@ -10,7 +10,6 @@ and an evaluation already on disk for the run's newest checkpoint is not redone.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -71,22 +70,12 @@ def _evaluated(run_dir: Path) -> bool:
     )
 
 
-def suite_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="facegen suite",
-        description="Train, evaluate and report a suite of runs with equal image budgets.",
-        epilog="Example: facegen suite --suite configs/suite_avatars_smoke.yaml",
-    )
-    parser.add_argument(
-        "--suite", required=True, help="suite YAML (configs/suite_avatars.yaml, configs/suite_avatars_smoke.yaml)"
-    )
-    parser.add_argument("--processes", type=int, default=0, help="processes per run (default: the suite's)")
-    parser.add_argument("--only", default="", help="comma list of run names to do (default: all)")
-    args = parser.parse_args(argv)
-    suite = load_suite(args.suite)
-    processes = args.processes or int(suite.get("processes", 1))
+def run_suite(suite: dict, processes: int, only: set[str]) -> list[Path]:
+    """Train, evaluate and time the samples of each run of `suite` (those named in `only`; all if empty), one after the other.
+
+    Each step is a command of its own; one that fails is reported and the suite goes on. Returns the run folders done.
+    """
     run_root = Path(suite["run_dir"])
-    only = {name for name in args.only.split(",") if name}
     done = []
     for entry in suite["runs"]:
         overrides = [o.format(run_dir=run_root) for o in [*suite.get("overrides", []), *entry.get("overrides", [])]]
@@ -133,10 +122,4 @@ def suite_main(argv: list[str]) -> int:
                 print(f"facegen suite: {name}: sampling failed; reported without it", file=sys.stderr, flush=True)
         print(f"facegen suite: {name}: done in {time.time() - started:.0f} s", flush=True)
         done.append(run_dir)
-    if not done:
-        raise ConfigError("facegen suite: no run finished; nothing to report")
-    from facegen_dist.analysis.report import build_report
-
-    report = build_report(done, run_root / "report")
-    print(f"facegen suite: report {report} and {report.with_suffix('.html')}")
-    return 0
+    return done

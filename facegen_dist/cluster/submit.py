@@ -13,7 +13,6 @@ TrainingJob, which resumes from the newest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -133,76 +132,52 @@ class TrainingJob:
         )
 
 
-def submit_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="facegen submit",
-        description="Submit a training run to SLURM with submitit (one task per GPU); preempted, it checkpoints, requeues and resumes.",
-        epilog="Example: facegen submit --config configs/vqgan_ffhq512.yaml --nodes 2 --gpus-per-node 4 --time 4:00:00 --partition gpu",
-    )
-    parser.add_argument("--config", action="append", default=[], required=True, help="YAML config (repeatable)")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument(
-        "--gpus-per-node", type=int, default=None, help="GPUs per node = processes per node (default 1)"
-    )
-    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo); with --tasks-per-node")
-    parser.add_argument(
-        "--tasks-per-node", type=int, default=0, help="processes per node (default: --gpus-per-node; with --cpu: 1)"
-    )
-    parser.add_argument("--cpus-per-task", type=int, default=8)
-    parser.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0: the cluster's default)")
-    parser.add_argument(
-        "--time", default="4:00:00", help="time limit of each job run (it requeues itself at the limit)"
-    )
-    parser.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
-    parser.add_argument("--account", default="")
-    parser.add_argument("--local", action="store_true", help="run here, through submitit's local executor (no SLURM)")
-    parser.add_argument(
-        "--wait", action="store_true", help="wait for the job and print its summary (always with --local)"
-    )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_images=1000000")
-    args = parser.parse_args(argv)
-
-    from facegen_dist.config import load_config
-
-    cfg = load_config(args.config, args.overrides)  # a bad config stops here, before anything is submitted
-    if args.cpu and args.gpus_per_node:
-        raise FacegenError("--cpu and --gpus-per-node: choose one")
-    gpus = 0 if args.cpu else (1 if args.gpus_per_node is None else args.gpus_per_node)
-    tasks = args.tasks_per_node or gpus or 1
-    if not args.cpu and gpus < 1:
-        raise FacegenError("--gpus-per-node: must be >= 1 (or train on CPU with --cpu --tasks-per-node N)")
-    timeout_min = parse_time_minutes(args.time)
-    if not args.local:
-        check_partition(args.partition)
+def submit_training(
+    cfg,
+    config_files: list[str],
+    overrides: list[str],
+    *,
+    nodes: int,
+    tasks_per_node: int,
+    gpus_per_node: int,
+    cpu: bool,
+    cpus_per_task: int,
+    mem_gb: int,
+    timeout_min: int,
+    partition: str,
+    account: str,
+    local: bool,
+):
+    """Submit TrainingJob for the loaded config `cfg` to SLURM (or submitit's local executor); returns (job, log folder)."""
     import submitit
 
     folder = Path(cfg.run.dir) / cfg.run.name / "submitit"
-    executor = submitit.AutoExecutor(folder=folder, cluster="local" if args.local else "slurm")
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if local else "slurm")
     params = dict(
         name=f"facegen-{cfg.run.name}",
-        nodes=args.nodes,
-        tasks_per_node=tasks,
-        cpus_per_task=args.cpus_per_task,
+        nodes=nodes,
+        tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task,
         timeout_min=timeout_min,
     )
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if args.mem_gb:
-        params["mem_gb"] = args.mem_gb
-    if not args.local:
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    if not local:
         params.update(slurm_signal_delay_s=SIGNAL_LEAD_SECONDS)
-        if args.partition:
-            params["slurm_partition"] = args.partition
-        if args.account:
-            params["slurm_account"] = args.account
-    elif args.nodes != 1:
+        if partition:
+            params["slurm_partition"] = partition
+        if account:
+            params["slurm_account"] = account
+    elif nodes != 1:
         raise FacegenError("--local runs on this machine: --nodes must be 1")
     executor.update_parameters(**params)
-    configs = [str(Path(c).resolve()) for c in args.config]
+    configs = [str(Path(c).resolve()) for c in config_files]
     # sbatch writes its refusal to our stderr; it goes into our one line instead
     with _stderr_captured() as sbatch_stderr:
         try:
-            job = executor.submit(TrainingJob(configs, list(args.overrides), os.getcwd(), args.cpu, gpus))
+            job = executor.submit(TrainingJob(configs, list(overrides), os.getcwd(), cpu, gpus_per_node))
         except Exception as error:  # noqa: BLE001 — sbatch's refusal comes back as submitit's FailedJobError
             error_text = error
         else:
@@ -210,13 +185,11 @@ def submit_main(argv: list[str]) -> int:
     if error_text is not None:
         lines = [line for line in ("".join(sbatch_stderr) + "\n" + str(error_text)).splitlines() if line.strip()]
         raise FacegenError(f"submission refused: {lines[0] if lines else error_text}")
-    print(
-        f"facegen submit: job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); logs {folder}/{job.job_id}_*_log.*",
-        flush=True,
-    )
-    if not (args.local or args.wait):
-        print(f"facegen submit: watch it with `squeue -j {job.job_id}`; the run is {Path(cfg.run.dir) / cfg.run.name}")
-        return 0
+    return job, folder
+
+
+def job_summary(job, folder: Path) -> dict:
+    """Wait for `job`; the summary its rank 0 returned ({} if none did)."""
     try:
         results = job.results()
     except Exception as error:  # noqa: BLE001 — a failed task: submitit re-raises its error text
@@ -224,13 +197,4 @@ def submit_main(argv: list[str]) -> int:
         raise FacegenError(
             f"job {job.job_id} failed: {lines[-1] if lines else error} (logs: {folder}/{job.job_id}_*_log.err)"
         ) from None
-    summary = next((r for r in results if r), {})
-    print(
-        f"facegen submit: job {job.job_id} done: {summary.get('images_seen', '?')} images, world size {summary.get('world_size', '?')}",
-        flush=True,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(submit_main(sys.argv[1:]))
+    return next((r for r in results if r), {})

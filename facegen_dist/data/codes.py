@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ from facegen_dist.data.shards import (
     image_extension,
     iter_shard_samples,
     read_manifest,
-    splits_summary,
     write_manifest,
 )
 from facegen_dist.errors import DataError
@@ -157,43 +155,22 @@ def extract_codes(accelerator, restored, out_dir: str | os.PathLike, batch_size:
     return manifest
 
 
-def codes_main(argv: list[str]) -> int:
-    import argparse
+def encode_run(run: str, out: str, checkpoint_name: str = "", batch_size: int = 64, use_ema: bool = True):
+    """Encode the images of VQ run folder `run` into code shards at `out`; every process calls it.
 
+    Returns (the restored run, the manifest) on the main process, None on the others.
+    """
     from facegen_dist.accelerator import make_accelerator
 
-    parser = argparse.ArgumentParser(
-        prog="facegen codes",
-        description="Encode a VQ run's image dataset into code shards for its prior (shards dealt over processes).",
-    )
-    parser.add_argument("--run", required=True, help="a trained vqvae / vqvae2 run folder")
-    parser.add_argument("--out", required=True, help="output folder (must not hold a dataset)")
-    parser.add_argument("--checkpoint", default="", help="checkpoint folder name of the run (default: its newest)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images encoded together")
-    parser.add_argument("--no-ema", action="store_true", help="encode with the raw weights instead of the EMA")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise DataError("--batch-size must be >= 1")
     accelerator = make_accelerator()
     try:
-        restored = restore_run(
-            args.run, device=accelerator.device, use_ema=not args.no_ema, checkpoint_name=args.checkpoint
-        )
+        restored = restore_run(run, device=accelerator.device, use_ema=use_ema, checkpoint_name=checkpoint_name)
         if restored.cfg.model.name not in VQ_METHODS:
             raise DataError(
-                f"--run {args.run}: a '{restored.cfg.model.name}' run has no codes ({'/'.join(VQ_METHODS)} runs do)"
+                f"--run {run}: a '{restored.cfg.model.name}' run has no codes ({'/'.join(VQ_METHODS)} runs do)"
             )
         images = image_dir(resolve_data_dir(restored.cfg.data, accelerator))
-        manifest = extract_codes(accelerator, restored, args.out, args.batch_size, images)
-        if accelerator.is_main_process:
-            print(
-                f"wrote {args.out}: {splits_summary(manifest)} ({restored.cfg.run.name} @ {restored.checkpoint.name}, grids {manifest['levels']})"
-            )
-            if manifest["skipped_unreadable"]:
-                print(
-                    f"facegen: warning: {manifest['skipped_unreadable']} unreadable image(s) skipped; `facegen data verify` the image shards",
-                    file=sys.stderr,
-                )
+        manifest = extract_codes(accelerator, restored, out, batch_size, images)
+        return (restored, manifest) if accelerator.is_main_process else None
     finally:
         accelerator.end_training()
-    return 0

@@ -7,6 +7,8 @@ import sys
 
 from facegen_dist.errors import DataError
 
+HELP = "make shards (avatars, ffhq, cartoonset, folder) or verify them"
+
 
 def _add_conversion_arguments(parser: argparse.ArgumentParser, src_help: str, size_help: str) -> None:
     parser.add_argument("--src", required=True, help=src_help)
@@ -68,8 +70,8 @@ def _report(out: str, manifest: dict) -> None:
         print(f"facegen: warning: {manifest['num_skipped']} source file(s) skipped{more}", file=sys.stderr)
 
 
-def data_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="facegen data", description="Make and check WebDataset shards.")
+def build_parser(subparsers):
+    parser = subparsers.add_parser("data", help=HELP, description="Make and check WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
     avatars = sub.add_parser("avatars", help="render the procedural avatar set (images + attribute JSON)")
     avatars.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -110,7 +112,10 @@ def data_main(argv: list[str]) -> int:
 
     verify = sub.add_parser("verify", help="check shards against their manifest")
     verify.add_argument("dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> int:
 
     if args.command == "avatars":
         from facegen_dist.data.make_avatars import make_avatar_dataset
