@@ -99,65 +99,73 @@ def _eval(root, *args, num_processes=1):
     )
 
 
-@pytest.mark.slow
-def test_eval_same_for_one_and_two_processes_and_reference_is_cached(trained_run):
+@pytest.fixture(scope="module")
+def one_and_two_process_eval(trained_run):
+    """The same evaluation by 1 and then 2 processes: both records, the reference cache before/after, the history."""
     metrics = "--metrics=fid,kid,prc,rfid,psnr,ssim,sharpness"
+    eval_dir = trained_run / "runs" / "tiny" / "eval"
     one = _eval(trained_run, metrics, "--num", "48")
     assert one.returncode == 0, one.stderr[-3000:]
-    records = sorted((trained_run / "runs" / "tiny" / "eval").glob("0*.json"))
-    record_one = json.loads(records[-1].read_text())
+    record_one = json.loads(sorted(eval_dir.glob("0*.json"))[-1].read_text())
     cache_files = list((trained_run / "cache").glob("ref-*.pt"))
-    assert len(cache_files) == 1 and record_one["protocol"]["reference"]["computed"] is True
-    mtime = cache_files[0].stat().st_mtime_ns
-
+    mtime = cache_files[0].stat().st_mtime_ns if len(cache_files) == 1 else None
     two = _eval(trained_run, metrics, "--num", "48", num_processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    record_two = json.loads(records[-1].read_text())
-    assert record_two["protocol"]["world_size"] == 2 and record_one["protocol"]["world_size"] == 1
-    assert record_two["protocol"]["reference"]["computed"] is False  # cached, not recomputed
-    assert cache_files[0].stat().st_mtime_ns == mtime
-    assert record_one["metrics"].keys() == record_two["metrics"].keys()
-    for name, value in record_one["metrics"].items():
-        assert record_two["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    return {
+        "one": record_one,
+        "two": json.loads(sorted(eval_dir.glob("0*.json"))[-1].read_text()),
+        "cache_files": cache_files,
+        "mtime_before": mtime,
+        "mtime_after": cache_files[0].stat().st_mtime_ns if cache_files else None,
+        "history": [json.loads(line) for line in (eval_dir / "history.jsonl").read_text().splitlines()],
+    }
 
-    values = record_one["metrics"]
-    assert {
-        "fd_tiny-test",
-        "kid_tiny-test",
-        "precision_tiny-test",
-        "recall_tiny-test",
-        "rfd_tiny-test",
-        "psnr",
-        "ssim",
-        "sharpness",
-    } <= set(values)
-    assert (
-        values["fd_tiny-test"] > 0
-        and 0 <= values["precision_tiny-test"] <= 1
-        and 5 < values["psnr"] < 60
-        and 0 < values["ssim"] <= 1
-    )
+
+@pytest.mark.slow
+def test_eval_gives_the_same_values_on_one_and_two_processes(one_and_two_process_eval):
+    one, two = one_and_two_process_eval["one"], one_and_two_process_eval["two"]
+    assert two["protocol"]["world_size"] == 2 and one["protocol"]["world_size"] == 1
+    assert one["metrics"].keys() == two["metrics"].keys()
+    for name, value in one["metrics"].items():
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+
+@pytest.mark.slow
+def test_eval_computes_the_reference_once_and_reads_it_from_the_cache_after(one_and_two_process_eval):
+    evaluated = one_and_two_process_eval
+    assert len(evaluated["cache_files"]) == 1 and evaluated["one"]["protocol"]["reference"]["computed"] is True
+    assert evaluated["two"]["protocol"]["reference"]["computed"] is False
+    assert evaluated["mtime_after"] == evaluated["mtime_before"]
+
+
+@pytest.mark.slow
+def test_eval_values_are_in_their_ranges(one_and_two_process_eval):
+    values = one_and_two_process_eval["one"]["metrics"]
+    names = {"fd_tiny-test", "kid_tiny-test", "precision_tiny-test", "recall_tiny-test", "rfd_tiny-test"}
+    assert names | {"psnr", "ssim", "sharpness"} <= set(values)
+    assert values["fd_tiny-test"] > 0 and 0 <= values["precision_tiny-test"] <= 1
+    assert 5 < values["psnr"] < 60 and 0 < values["ssim"] <= 1
     assert 0 < values["sharpness"] < 1  # a VAE 320 images in reconstructs a blur of its inputs
-    protocol = record_one["protocol"]
+
+
+@pytest.mark.slow
+def test_eval_record_carries_its_full_protocol(one_and_two_process_eval):
+    protocol = one_and_two_process_eval["one"]["protocol"]
     assert protocol["extractor"]["name"] == "tiny-test" and len(protocol["extractor"]["weights_sha256"]) == 64
     assert protocol["model"]["images_seen"] == 320 and protocol["model"]["ema"] is True
     assert protocol["num_generated"] == 48 and protocol["num_reference"] == 38  # the val split has 38 images
     assert len(protocol["reference"]["dataset_manifest_sha256"]) == 64 and protocol["reference"]["split"] == "val"
     assert protocol["seed"] == 1234 and "z ~ N(0, I)" in protocol["sampling"]["latent"]
-    history = [
-        json.loads(line) for line in (trained_run / "runs" / "tiny" / "eval" / "history.jsonl").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_eval_appends_each_record_to_the_history(one_and_two_process_eval):
+    ours = [
+        r
+        for r in one_and_two_process_eval["history"]
+        if r["protocol"].get("extractor", {}).get("name") == "tiny-test" and r["protocol"]["num_generated"] == 48
     ]
-    assert (
-        len(
-            [
-                r
-                for r in history
-                if r["protocol"].get("extractor", {}).get("name") == "tiny-test"
-                and r["protocol"]["num_generated"] == 48
-            ]
-        )
-        == 2
-    )
+    assert [r["protocol"]["world_size"] for r in ours] == [1, 2]
 
 
 def test_eval_without_inception_weights_offline_fails_in_one_line(trained_run, tmp_path, monkeypatch):

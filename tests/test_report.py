@@ -27,7 +27,10 @@ def _numbers(tree, out: set[str]) -> set[str]:
     return out
 
 
-def test_report_of_two_real_runs(tmp_path, tiny_shards):
+@pytest.fixture(scope="module")
+def two_runs_report(tmp_path_factory, tiny_shards):
+    """A VAE (evaluated in training and by facegen eval) and a VQ-VAE2 (never evaluated), and their report."""
+    tmp_path = tmp_path_factory.mktemp("report")
     data, cache = f"data.path={tiny_shards}", f"eval.cache_dir={tmp_path / 'cache'}"
     vae = run_train(
         tmp_path,
@@ -49,11 +52,21 @@ def test_report_of_two_real_runs(tmp_path, tiny_shards):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     vq = run_train(tmp_path, *TINY_VQVAE2, data, "run.name=vq", "train.total_images=320", "train.log_every_images=80")
     assert vq.returncode == 0, vq.stderr[-3000:]
-
     result = run_facegen(tmp_path, "report", "--runs", "runs/vae", "runs/vq", "--out", "report")
     assert result.returncode == 0, result.stderr[-3000:]
     report = tmp_path / "report"
-    markdown, page = (report / "report.md").read_text(), (report / "report.html").read_text()
+    runs = {name: tmp_path / "runs" / name for name in ("vae", "vq")}
+    return {
+        "root": tmp_path,
+        "report": report,
+        "markdown": (report / "report.md").read_text(),
+        "page": (report / "report.html").read_text(),
+        "runs": runs,
+        "summaries": {name: json.loads((path / "summary.json").read_text()) for name, path in runs.items()},
+    }
+
+
+def test_report_has_every_section_in_markdown_and_html(two_runs_report):
     for section in (
         "Training cost",
         "Quality (facegen eval)",
@@ -61,26 +74,25 @@ def test_report_of_two_real_runs(tmp_path, tiny_shards):
         "Samples and reconstructions",
         "Curves",
     ):
-        assert f"## {section}" in markdown and f"<h2>{section}" in page
+        assert f"## {section}" in two_runs_report["markdown"] and f"<h2>{section}" in two_runs_report["page"]
 
-    runs = {name: tmp_path / "runs" / name for name in ("vae", "vq")}
-    summaries = {name: json.loads((path / "summary.json").read_text()) for name, path in runs.items()}
+
+def test_report_tables_hold_the_runs_cost_eval_and_codebook_numbers(two_runs_report):
+    markdown, runs, summaries = two_runs_report["markdown"], two_runs_report["runs"], two_runs_report["summaries"]
     final_eval = json.loads(sorted((runs["vae"] / "eval").glob("0*.json"))[-1].read_text())
-    # the first table: training cost
     training_vae = next(line for line in markdown.splitlines() if line.startswith("| vae "))
-    assert (
-        f"| {summaries['vae']['images_seen']} |" in training_vae
-        and f"| {_fmt(summaries['vq']['img_per_s_mean'])} |" in markdown
-    )
-    assert (
-        f"| {_fmt(final_eval['metrics']['psnr'])} |" in markdown
-        and f"| {_fmt(final_eval['metrics']['fd_tiny-test'])} |" in markdown
-    )
+    assert f"| {summaries['vae']['images_seen']} |" in training_vae
+    assert f"| {_fmt(summaries['vq']['img_per_s_mean'])} |" in markdown
+    assert f"| {_fmt(final_eval['metrics']['psnr'])} |" in markdown
+    assert f"| {_fmt(final_eval['metrics']['fd_tiny-test'])} |" in markdown
     assert "No `facegen eval` result for: vq." in markdown
     last_vq = [row for row in read_metrics(runs["vq"]) if "codebook_bottom/perplexity" in row][-1]
     assert f"| {_fmt(last_vq['codebook_bottom/perplexity'])} |" in markdown
 
-    # Only numbers from the runs' files (or arithmetic on them, recomputed here) appear in the tables.
+
+def test_report_tables_show_only_numbers_the_runs_files_hold(two_runs_report):
+    """Only numbers from the runs' files (or arithmetic on them, recomputed here) appear in the tables."""
+    markdown, runs, summaries = two_runs_report["markdown"], two_runs_report["runs"], two_runs_report["summaries"]
     allowed: set[str] = set()
     for name, path in runs.items():
         _numbers(summaries[name], allowed)
@@ -92,11 +104,15 @@ def test_report_of_two_real_runs(tmp_path, tiny_shards):
             allowed.add(_fmt(protocol["seconds"] / protocol["num_generated"]))
         allowed.add(_fmt(summaries[name]["train_seconds"] / summaries[name]["images_seen"] * 1e6 / 3600))
     table_lines = [line for line in markdown.splitlines() if line.startswith("| vae ") or line.startswith("| vq ")]
+    assert table_lines
     for line in table_lines:
         for token in NUMBER.findall(line):
             assert token in allowed, f"{token!r} in {line!r} is not in the runs' files"
 
-    for image in re.findall(r"src='([^']+)'", page):
+
+def test_report_page_images_exist_and_curves_have_every_eval_point(two_runs_report):
+    report, runs = two_runs_report["report"], two_runs_report["runs"]
+    for image in re.findall(r"src='([^']+)'", two_runs_report["page"]):
         assert (report / image).is_file(), image
     assert {
         "samples_vae.png",
@@ -106,14 +122,14 @@ def test_report_of_two_real_runs(tmp_path, tiny_shards):
         "metric_psnr.png",
         "metric_fd_tiny-test.png",
     } <= {p.name for p in report.iterdir()}
-    psnr_points = [
-        record
-        for record in (json.loads(line) for line in (runs["vae"] / "eval" / "history.jsonl").read_text().splitlines())
-        if "psnr" in record["metrics"]
-    ]
+    history = (runs["vae"] / "eval" / "history.jsonl").read_text().splitlines()
+    psnr_points = [record for record in map(json.loads, history) if "psnr" in record["metrics"]]
     assert len(psnr_points) == 3  # two in-training evaluations and the final one: the curve's points
 
-    bad = run_facegen(tmp_path, "report", "--runs", str(tmp_path / "nothing"), "--out", "x")
+
+def test_report_of_a_missing_run_folder_is_one_line(two_runs_report):
+    root = two_runs_report["root"]
+    bad = run_facegen(root, "report", "--runs", str(root / "nothing"), "--out", "x")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("facegen: error: --runs:")
 
 
