@@ -44,3 +44,23 @@ def trained_run(tmp_path_factory, tiny_shards) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root
+
+
+@pytest.fixture
+def in_process_accelerator():
+    """A one-process CPU accelerator in this pytest process: accelerate's singleton state, torch's thread count and
+    the preemption signal handlers the Trainer sets are put back afterwards."""
+    import signal
+
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from facegen_dist.cluster.preemption import PREEMPT_SIGNALS
+
+    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

@@ -250,3 +250,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_in_process(tiny_shards, run_dir, total_images: int, *extra: str) -> dict:
+    """A tiny VAE trained by the Trainer in this process (use with the in_process_accelerator fixture)."""
+    from facegen_dist.config import load_config
+    from facegen_dist.train.loop import run
+
+    cfg = load_config(
+        [],
+        [
+            *TINY,
+            f"data.path={tiny_shards}",
+            f"run.dir={run_dir.parent}",
+            f"run.name={run_dir.name}",
+            f"train.total_images={total_images}",
+            "train.ckpt_every_images=32",
+            "train.log_every_images=16",
+            "train.sample_every_images=1000000",
+            "train.cpu_threads=1",
+            *extra,
+        ],
+    )
+    return run(cfg)

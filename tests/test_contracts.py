@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import COMMON, TINY, TINY_VQGAN, TINY_VQVAE2
+from helpers import COMMON, TINY, TINY_VQGAN, TINY_VQVAE2, train_in_process
 from safetensors.torch import load_model, save_model
 
 from facegen_dist import methods
@@ -151,53 +151,14 @@ def test_a_later_phase_refuses_a_batch_the_earlier_phase_did_not_see(name, one_i
         method.loss(later, modules, method.prepare(MicroBatch(_every_phase_on(cfg), images=_images())))
 
 
-@pytest.fixture
-def in_process_accelerator():
-    """A one-process CPU accelerator in this pytest process: accelerate's singleton state, torch's thread count and
-    the preemption signal handlers the Trainer sets are put back afterwards."""
-    import signal
-
-    from accelerate.state import AcceleratorState
-
-    from facegen_dist.cluster.preemption import PREEMPT_SIGNALS
-
-    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(threads)
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
-def _train_in_process(tiny_shards, run_dir, total_images: int) -> dict:
-    from facegen_dist.train.loop import run
-
-    cfg = load_config(
-        [],
-        [
-            *TINY,
-            f"data.path={tiny_shards}",
-            f"run.dir={run_dir.parent}",
-            f"run.name={run_dir.name}",
-            f"train.total_images={total_images}",
-            "train.ckpt_every_images=32",
-            "train.log_every_images=16",
-            "train.sample_every_images=1000000",
-            "train.cpu_threads=1",
-        ],
-    )
-    return run(cfg)
-
-
 def test_the_trainer_in_process_trains_checkpoints_and_resumes_exactly(tiny_shards, tmp_path, in_process_accelerator):
     """The loop itself on one process: a run stopped at 64 images and continued to 96 ends where a straight run does."""
-    straight = _train_in_process(tiny_shards, tmp_path / "straight", 96)
+    straight = train_in_process(tiny_shards, tmp_path / "straight", 96)
     assert straight["world_size"] == 1 and straight["images_seen"] == 96 and straight["steps"] == 12
     assert (tmp_path / "straight" / "summary.json").is_file()
-    first = _train_in_process(tiny_shards, tmp_path / "resumed", 64)
+    first = train_in_process(tiny_shards, tmp_path / "resumed", 64)
     assert first["images_seen"] == 64
-    resumed = _train_in_process(tiny_shards, tmp_path / "resumed", 96)
+    resumed = train_in_process(tiny_shards, tmp_path / "resumed", 96)
     assert resumed["images_seen"] == 96 and resumed["steps"] == 12
     assert resumed["parameter_checksums"] == straight["parameter_checksums"]
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -210,7 +171,7 @@ def test_the_readme_python_snippet_runs_on_a_trained_run(tiny_shards, tmp_path, 
     """The README's "From Python" block, run as written on a run folder trained here (its path swapped in)."""
     import re
 
-    _train_in_process(tiny_shards, tmp_path / "vae_avatars64", 16)
+    train_in_process(tiny_shards, tmp_path / "vae_avatars64", 16)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
     assert 'restore_run("runs/vae_avatars64")' in block

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from facegen_dist.data.codecs import decode_image, encode_npy
 from facegen_dist.data.resolve import resolve_data_dir
@@ -30,6 +29,7 @@ from facegen_dist.data.shards import (
     write_manifest,
 )
 from facegen_dist.errors import DataError
+from facegen_dist.log.progress import progress_bar
 from facegen_dist.methods.base import VQ_METHODS
 from facegen_dist.runs import restore_run
 
@@ -111,7 +111,9 @@ def extract_codes(accelerator, restored, out_dir: str | os.PathLike, batch_size:
         if index % accelerator.num_processes == accelerator.process_index
     ]
     written, skipped = [], 0
-    for split, entry in tqdm(mine, desc="encoding shards", unit="shard", disable=not accelerator.is_main_process):
+    for split, entry in progress_bar(
+        mine, desc="encoding shards", unit="shard", disable=not accelerator.is_main_process
+    ):
         writer = ShardWriter(tmp, split, samples_per_shard=1 << 30)
         writer.start(entry["file"])  # one code shard per image shard, same name
         skipped += _encode_shard(

@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from facegen_dist import __version__
 from facegen_dist.data.make_avatars import split_counts
@@ -46,6 +45,7 @@ from facegen_dist.data.shards import (
 )
 from facegen_dist.data.sources import Source, SourceItem
 from facegen_dist.errors import DataError
+from facegen_dist.log.progress import progress_bar
 
 JOURNAL_FORMAT = "facegen-convert/1"
 SPLITS = ("train", "val")
@@ -374,7 +374,7 @@ def _convert_items(source, todo, plan, journal, out_dir, options, sampled, worke
     try:
         results = pool.imap(work, _bounded(tasks(), window), chunksize=2) if pool else map(work, tasks())
         for item, (image, reason, sha) in zip(
-            todo, tqdm(results, total=len(todo), desc=description, unit="img", disable=not progress)
+            todo, progress_bar(results, total=len(todo), desc=description, unit="img", disable=not progress)
         ):
             window.release()
             name = plan.shard_of[item.key]

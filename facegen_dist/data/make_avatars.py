@@ -9,12 +9,11 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
 from facegen_dist import __version__
 from facegen_dist.data.avatars import attribute_vocabulary, render_avatar
 from facegen_dist.data.shards import MANIFEST_NAME, ShardWriter, write_manifest
 from facegen_dist.errors import DataError
+from facegen_dist.log.progress import progress_bar
 
 
 def _render(index: int, seed: int, size: int) -> tuple[int, bytes, bytes]:
@@ -64,7 +63,7 @@ def make_avatar_dataset(
         # imap keeps index order, so the tars do not depend on which worker was fastest.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.imap(render, range(num), chunksize=32)
-            for index, png, attributes in tqdm(
+            for index, png, attributes in progress_bar(
                 results, total=num, desc=f"rendering {num} avatars at {size}px", unit="img", disable=not progress
             ):
                 split = "train" if index < num_train else "val"

@@ -13,10 +13,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
 
 from facegen_dist.errors import FacegenError
 from facegen_dist.eval.extractors import Extractor
+from facegen_dist.log.progress import progress_bar
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def distributed_features(
     bounds = chunk_bounds(num, batch_size)
     collected: dict[str, list[torch.Tensor]] = {}
     indices = []
-    bar = tqdm(chunks, desc=description, unit="batch", disable=not accelerator.is_main_process, leave=False)
+    bar = progress_bar(chunks, desc=description, unit="batch", disable=not accelerator.is_main_process, leave=False)
     for chunk in bar:
         start, end = bounds[chunk]
         produced = make_chunk(chunk, start, end)

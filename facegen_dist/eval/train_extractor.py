@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from facegen_dist import __version__
 from facegen_dist.accelerator import make_accelerator
 from facegen_dist.data.pipeline import StreamSpec, attribute_labels, make_train_loader, read_images
 from facegen_dist.data.shards import MANIFEST_NAME, file_sha256, read_manifest, split_shards
 from facegen_dist.errors import FacegenError
+from facegen_dist.log.progress import progress_bar
 from facegen_dist.models.attribute_net import AttributeNet
 from facegen_dist.schedule import lr_factor
 
@@ -91,7 +91,7 @@ def train_extractor(
     images_per_step = batch_size * accelerator.num_processes
     steps = math.ceil(total_images / images_per_step)
     started = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         range(steps),
         desc="avatar extractor",
         unit="step",

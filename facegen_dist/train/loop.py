@@ -340,6 +340,7 @@ class Trainer:
             progress=cfg.log.progress,
         )
         self.state.wandb_run_id = logger.wandb_run_id
+        logger.write(self._start_line())
         if self.resumed_from is not None:
             restarts = (
                 f" (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']})"
@@ -352,6 +353,19 @@ class Trainer:
             for note in self._resume_notes:
                 logger.write(f"facegen: note: {note}")
         return logger
+
+    def _start_line(self) -> str:
+        """Where the run writes, what it trains, on what, with which batch: the first thing a log should say."""
+        acc, cfg = self.accelerator, self.cfg
+        params = sum(getattr(p, "ds_numel", p.numel()) for m in self.modules.values() for p in m.parameters())
+        batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        per_process = f"{cfg.train.batch_size} x {cfg.train.grad_accum} accumulated" if cfg.train.grad_accum > 1 else ""
+        return (
+            f"facegen: {self.run_dir}: {cfg.model.name}, {params / 1e6:.2f} M parameters | {acc.num_processes} "
+            f"{acc.device.type} process{'es' if acc.num_processes > 1 else ''} ({strategy.strategy_name(acc)}, "
+            f"{strategy.mixed_precision(acc).replace('no', 'fp32')}) | global batch {batch}"
+            f"{f' ({per_process} per process)' if per_process else ''} | to {self.final_images} images"
+        )
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -587,9 +601,6 @@ class Trainer:
                     last_row = self._log(
                         interval_images, time.perf_counter() - interval_start - eval_seconds, interval_wait, evaluated
                     )
-                    self.logger.advance(
-                        0, {k: f"{v:.4g}" for k, v in last_row.items() if k in ("loss", "mse", "kl", "img_per_s")}
-                    )
                     interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
                 if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
                     self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
@@ -632,6 +643,12 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if not summary["ranks_in_sync"]:
                 self.logger.write(f"facegen: warning: parameters differ across ranks: {checksums}")
+            sync = self.logger.wandb_sync_dir
+            self.logger.write(
+                f"facegen: {self.run_dir} done: {self.state.images_seen} images in {self.state.train_seconds:.0f} s "
+                f"of training ({summary['img_per_s_mean']:.1f} img/s); summary {self.run_dir / 'summary.json'}"
+                + (f"; upload the offline W&B run with: wandb sync {sync}" if sync else "")
+            )
         self.logger.close()
         return summary
 
