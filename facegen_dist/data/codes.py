@@ -2,7 +2,7 @@
 
 `facegen codes --run runs/vqvae2_avatars64 --out data/codes-vqvae2_avatars64` (also under `accelerate launch`):
 every image shard becomes a code shard of the same name and keys, `KEY.<level>.npy` (int16 [h, w] per level) +
-`KEY.json`. The manifest (kind `vq-codes`) names the VQ run, checkpoint and image dataset, which a prior's grids read.
+`KEY.json`. The manifest (kind `vq-codes`) names the VQ run and checkpoint and the image dataset they encode.
 """
 
 from __future__ import annotations
