@@ -2,10 +2,7 @@
 
     python benchmarks/avatar_fd.py --data data/avatars-64px-20000-seed0 [--num 2000]
 
-The reference is the train split (first N images). Each row degrades the val split (first N
-images) and reports fd_avatar (and Inception FID when its weights are on this machine):
-blur, noise and hue shift at three levels, and an attribute shift (val images of one hair
-colour only). A metric worth using grows monotonically with each degradation.
+Method and results: benchmarks/RESULTS.md, "Does fd_avatar measure something?".
 """
 
 from __future__ import annotations

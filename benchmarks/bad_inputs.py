@@ -2,10 +2,7 @@
 
     python benchmarks/bad_inputs.py [--json benchmarks/results/bad_inputs_cpu_<date>.json]
 
-Each case is `python train.py` (one process) on 32 px shards made here, with the tiny VAE and a
-64-image budget, so a mistake that is accepted trains and exits 0. A case passes when the run
-exits non-zero with exactly one `facegen: error:` line, no traceback, naming what the case names.
-Resume cases first train a run, then start it again with a changed model.
+Method and results: benchmarks/RESULTS.md, "Bad input: one line or not".
 """
 
 from __future__ import annotations

@@ -1,29 +1,8 @@
 """Read cost of the shard image formats: bytes per image, encode time, and decode+augment images/s per core.
 
-    python benchmarks/data.py                                         # avatar + photo-like, 128/256/512 px, jpg/png/webp/webp-lossless
-    python benchmarks/data.py --sizes 256 --formats jpg webp --num 128
-    python benchmarks/data.py --jpg-quality 90 --webp-quality 80 --json data_bench.json
-    python benchmarks/data.py --smoke                                 # 32 px, 4 images: seconds, for the tests
-
-One process, one torch thread: "per core" figures; a loader with W workers on W free cores
-reads about W times as fast. Decode+augment is the per-sample work of the training stream
-(`facegen_dist.data.pipeline.ShardStream`): the real `decode_image` (RGB, centre crop, resize
-only when the stored size differs from the training size; here it does not), the horizontal
-flip on every other image (the stream flips half at random), and the batch assembly
-(stack -> uint8 [B,3,H,W] tensor). Reading the tar is not included: it is a memory copy next
-to decoding once the shards are in the page cache.
-
-Contents: "avatar" is the embedded procedural avatar set (flat cartoon colours, which
-compress far better than photos); "photo-like" is the same avatar with seeded Gaussian pixel
-noise (sigma --noise-sigma) blurred by a 0.6 px Gaussian, a stand-in for photo grain, as there
-are no photos on this machine. Its lossless sizes (~28 KB at 128 px, ~400 KB at 512 px) are
-near FFHQ's PNGs (thumbnails128x128: 1.95 GB / 70k = 28 KB); its jpg/webp sizes are rougher
-guesses, as i.i.d. grain is not a photo's structure.
-
-Times are this process's CPU time (all the work is single-threaded and in memory), so other
-processes on a shared machine slow the run down but barely change the figures; they still
-share caches and memory bandwidth, hence the load average in the header. Each time is the best
-of --repeats passes over the cell's images, the passes going round all cells of a size.
+    python benchmarks/data.py              # avatar + photo-like, 128/256/512 px, jpg/png/webp/webp-lossless
+    python benchmarks/data.py --smoke      # 32 px, 4 images: seconds, for the tests
+Method (what is timed, the photo-like stand-in, CPU time) and results: benchmarks/RESULTS.md, "Shard image formats".
 """
 
 from __future__ import annotations

@@ -2,11 +2,7 @@
 
     python benchmarks/eval_speed.py --num 500 --resolution 128            # CPU: small N, scaled to 10k
     python benchmarks/eval_speed.py --num 10000 --resolution 128 --device cuda
-
-Times the real code path of `facegen eval` (chunked generation, torch-fidelity's Inception,
-torch-fidelity's FID/KID/PR on the features). When the Inception weights are not on this
-machine (offline), the network is built with its initial weights: the compute is the same,
-so the timing holds, but no metric value is printed from it.
+Method and results: benchmarks/RESULTS.md, "Evaluation speed".
 """
 
 from __future__ import annotations

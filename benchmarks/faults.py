@@ -2,12 +2,7 @@
 
     python benchmarks/faults.py --kills 20 [--json benchmarks/results/faults_cpu_<date>.json]
 
-The tiny 32 px VAE trains 1280 images on 2 CPU processes (gloo), checkpointing every 64 images so
-that kills often land inside a checkpoint write. The reference run writes no checkpoint on the
-way. Each trial starts the run, SIGKILLs the launcher and every rank at a uniformly random moment
-of the run's duration, notes whether a checkpoint was being written then (a `.tmp-ckpt-*` folder
-existed), reruns the same command to the end and compares the per-rank parameter checksums and
-every logged loss with the reference's.
+Method and results: benchmarks/RESULTS.md, "Kill -9 at random moments".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Seconds per image to sample a CodeGPT prior: with the KV cache, and recomputing the full prefix each step.
 
     python benchmarks/gpt_sampling.py                                   # 16x16 codes, CPU
-    python benchmarks/gpt_sampling.py --smoke                           # tiny model, 4x4 codes: seconds, for the tests
     python benchmarks/gpt_sampling.py --grid 32 --layers 12 --embd 512 --heads 8 --num 32 --device cuda
-
-The model has random weights: sampling cost does not depend on them. The uncached loop runs
-one full forward over the prefix per code (its cost grows as seq_len^2, the attention's as
-seq_len^3); the cached one a single position per code. Both must return the same codes.
+Method and results: benchmarks/RESULTS.md, "GPT prior sampling"; both paths must return the same codes.
 """
 
 from __future__ import annotations

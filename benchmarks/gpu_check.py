@@ -2,24 +2,7 @@
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_<date>.json [--peers DIR]
     python benchmarks/gpu_check.py --device cpu --smoke --out /tmp/gpu_check.json    # the same paths, tiny (tests)
-
-GPU session, from the repo root (benchmarks/gpu_prepare.sh prints the exact device command):
-  1. here: `bash benchmarks/gpu_prepare.sh` (wheels into .whl/, the peers harness into .peers/);
-  2. device tool: `run` the printed command with carry [".whl", ".peers"] and timeout_s 600;
-  3. here: copy the returned gpu_check.json to benchmarks/results/gpu_<date>.json and write RESULTS.md from it.
-
-Stages, each in its own process with its own time budget (a crash or a hang loses that stage only);
-the JSON is rewritten after every stage, and a stage that runs out of time keeps what it had written:
-  train_vae, train_vqgan  the real trainer (train.py) on the embedded avatars: VAE bf16 and fp16 (grad scaler),
-                          VQ-GAN 256 px bf16; channels_last; fused AdamW and pinned memory are the trainer's on CUDA.
-                          Each: steps, finite losses, a checkpoint, then a resume to more images that continues it.
-  memory                  benchmarks/memory.py on CUDA capped at --cap-gb: configs/vqgan_ffhq512.yaml's real peak per
-                          micro-batch and lever, the largest micro-batch that fits, beside the CPU estimate.
-  peers_vqgan, peers_vqvae2  img/s, step split, MFU of the project's step at the peers' exact architectures, timed in
-                          the same run as the peers' own loops (--peers DIR/bench_peers.py), interleaved project, peer,
-                          project, peer, per batch and precision; ratio project / peer per cell.
-  eval                    seconds for FD / KID / PR over --eval-num samples, avatar extractor (`facegen eval`'s path).
-  compile                 the project side of the peer cells with torch.compile, against the peers stage's peer figures.
+The GPU session (`bash benchmarks/gpu_prepare.sh` first) and the stages: benchmarks/RESULTS.md, "GPU figures".
 """
 
 from __future__ import annotations
@@ -81,8 +64,7 @@ SMOKE_VQGAN = (
     ],
 )
 SMOKE_VAE = ["data.resolution=32", "model.channels=[8,16,16,32,32]", "model.latent_dim=16"]
-# Measured 2026-12-01 on the 2-core CPU: bench_peers.py --peer taming_vqgan --res 32 --batch 1 --steps 1
-# --warmup 1 took 93 s.
+# The 93 s: bench_peers.py --peer taming_vqgan --res 32 --batch 1 --steps 1 --warmup 1 on the 2-core CPU.
 TAMING_SMOKE_SKIP = (
     "skipped in --smoke: taming's 67 M-parameter model took 93 s for 2 steps at 32 px on the 2-core CPU (> 30 s)"
 )
@@ -596,8 +578,7 @@ def stage_compile(args, report: StageReport) -> None:
     peer_rates = {(c["model"], c["batch"], c["precision"]): c.get("peer_img_per_s") for c in extra["peer_cells"]}
     eager_rates = {(c["model"], c["batch"], c["precision"]): c.get("project_img_per_s") for c in extra["peer_cells"]}
     cells = []
-    # The cheap compile first. On the 2-core CPU inductor took 144 s for the tiny VQ-VAE2 alone (2026-12-01):
-    # smoke compiles that one.
+    # The cheap compile first; smoke compiles only that one (inductor needs ~144 s for the tiny VQ-VAE2 on 2 CPU cores).
     for model in ("vqvae2",) if args.smoke else ("vqvae2", "vqgan"):
         _, (config, overrides), _, batches, _, warmup, steps = peer_plan(model, args.smoke)
         for batch in batches:
@@ -722,7 +703,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage in this process
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # The smoke run's stages start real processes on a shared 2-core CPU: 465 s stopped the 5th there (2026-12-01).
+    # Smoke stages start real processes on a shared 2-core CPU, where the GPU run's 465 s would stop the 5th one.
     args.total_s = args.total_s or (SMOKE_BUDGET_S * len(STAGES) if args.smoke else 465.0)
     if args.stage:
         stage_main(args)

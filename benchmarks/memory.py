@@ -2,26 +2,7 @@
 
     python benchmarks/memory.py                      # CPU: the estimate, from measured saved activations
     python benchmarks/memory.py --device cuda --cap-gb 8 --batch 8    # GPU: real peaks under an 8 GB cap, beside the estimate
-    python benchmarks/memory.py --smoke              # tiny 32 px models: seconds, for the tests
-    python benchmarks/memory.py --device cuda --cap-gb 8 --cases "VQ-GAN 512" --batches 1 2 4 8 --max-batch 64
-
-Two kinds of figure, never mixed up in the output:
-
-- measured (GPU only): `torch.cuda.max_memory_allocated` over two real training steps (every
-  phase: forward, backward, AdamW step) at the given batch, with the process capped at
-  `--cap-gb` by `torch.cuda.set_per_process_memory_fraction`; OOM is reported as OOM.
-- estimate (any device): the bytes autograd keeps for backward, measured on a real forward of
-  every phase at `--probe-batch` images (`retained_activation_bytes`: non-parameter saved tensors, each storage
-  once), scaled to the batch, plus weights (fp32, + a bf16 copy under autocast), fp32 gradients
-  and two fp32 AdamW moments from the parameter count. Per strategy on N GPUs: ZeRO-1 divides
-  the AdamW states by N, ZeRO-2 also the gradients, ZeRO-3 + offload keeps 1/N of the weights
-  and gradients on the GPU and the AdamW states in CPU memory. Not in the estimate: the
-  allocator's fragmentation, cuDNN workspaces, temporaries inside a layer, the data batch and
-  DeepSpeed's communication buckets, so a real peak is higher. The GPU mode prints both, so
-  the gap is visible.
-
-A GAN's phases run one after the other, so the activation term is the larger phase's. DeepSpeed
-takes one-optimizer methods only (train/strategy.py): its columns say n/a for the VQ-GAN.
+The two kinds of figure (measured, estimate) and what the estimate leaves out: benchmarks/RESULTS.md, "Memory per GPU".
 """
 
 from __future__ import annotations
@@ -283,7 +264,7 @@ def main() -> None:
 
     rows = []
     # Each row in a fresh process: a row's retained tensors and heap must not carry into the next one
-    # (in one process the 512 px VQ-GAN rows ran a 24 GB machine out of memory; alone, a row peaks at 3-12 GB).
+    # (in one process the 512 px VQ-GAN rows exceed 24 GB together; alone, a row peaks at 3-12 GB).
     with ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
     ) as pool:

@@ -2,11 +2,7 @@
 
     python benchmarks/pixelcnn_sampling.py                                  # fast sampling, 16x16, CPU
     python benchmarks/pixelcnn_sampling.py --compare-naive                  # + naive on an 8x8 grid, and the ratio
-    python benchmarks/pixelcnn_sampling.py --grid 32 --num 64 --device cuda --compare-naive --naive-grid 16
-
-The model has random weights: sampling cost does not depend on them. The naive loop runs one
-full forward per position (its cost grows as (H*W)^2), so it is timed on --naive-grid, with
-the fast sampler timed again there for the ratio; both must return the same codes.
+Method and results: benchmarks/RESULTS.md, "PixelCNN sampling speed"; both samplers must return the same codes.
 """
 
 from __future__ import annotations

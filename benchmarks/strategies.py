@@ -2,13 +2,7 @@
 
     python benchmarks/strategies.py                        # 2 CPU processes (gloo), 64 px configs, short runs
     python benchmarks/strategies.py --processes 8 --gpu    # on a GPU node: one process per GPU
-    python benchmarks/strategies.py --smoke                # 32 px, two methods, two strategies: for the tests
-
-Each cell is `accelerate launch --config_file configs/accelerate/<strategy>.yaml train.py
---config configs/<method>.yaml` as a user types it, for a short image budget. A run that
-finishes gives its summary: img/s over the run (start-up excluded; the first steps included),
-peak memory per process (GPU: max allocated; CPU: peak RSS, which includes ~0.5 GB of Python
-and torch) and whether the ranks ended identical. A run that is refused gives its one-line reason.
+Method and results: benchmarks/RESULTS.md, "Strategy x method, real launches".
 """
 
 from __future__ import annotations

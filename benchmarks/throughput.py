@@ -2,26 +2,7 @@
 
     python benchmarks/throughput.py                          # CPU, the 64 px configs
     python benchmarks/throughput.py --device cuda --configs vqgan_ffhq256 vqvae2_avatars256 --batch 8 [--compile]
-    python benchmarks/throughput.py --smoke                  # tiny 32 px models, for the tests
-
-For each config, in one process and on one device, side by side:
-- naive: the same architecture trained the way a notebook does it: fp32, NCHW, AdamW's
-  per-parameter for-loop, no activation checkpointing;
-- tuned: channels_last, foreach AdamW (fused on CUDA), bf16 autocast on CUDA (`--bf16` on CPU),
-  optionally `torch.compile` (`--compile`).
-Each row: img/s; the step split into data wait / forward / backward / optimizer (CUDA is
-synchronised at each boundary, which costs a little overlap: the img/s column is measured
-separately, unsynchronised); model FLOPs per image from torch's FLOP counter (matmuls and
-convolutions of forward + backward); MFU against the device's peak: on CUDA the data sheet's; on
-CPU by CPU time (the steps' FLOPs per CPU-second against a 1-thread matmul's), robust to other
-load on a shared machine, beside a wall-clock MFU against a matmul timed right before and after
-the row with the same statistic (mean) as the steps.
-The data loader's own rate (decode + augment, the configured workers) is measured alone and
-compared with what the tuned step consumes: it must be at least 2x.
-`--comm` adds the communication side: two processes (gloo on CPU, NCCL on 2+ GPUs) all-reduce
-a buffer the size of each method's gradients (what DDP reduces every step) and the time is
-set against the step; from the measured sizes, the expected all-reduce time on N GPUs for an
-assumed bus bandwidth (printed) gives the scaling bound without overlap.
+Method (naive vs tuned, step split, FLOPs and MFU, --comm) and results: benchmarks/RESULTS.md, "Training throughput".
 """
 
 from __future__ import annotations

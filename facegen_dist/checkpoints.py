@@ -1,6 +1,6 @@
 """The checkpoint folder format, read side: folder names, trainer state, manifest checks, EMA weights.
 
-train/checkpoint.py writes them (its docstring says how); the loop's resume, runs.py and the suite read
+train/checkpoint.py writes them (`save_checkpoint`'s docstring says how); the loop's resume, runs.py and the suite read
 them here. Not in runs.py: the writer needs this part only, without the config and the method registry.
 """
 

@@ -18,7 +18,7 @@ def exit_process(code: int) -> int:
     Why: facegen_dist.cluster.teardown.end_without_teardown (gloo's threads can abort a finished run).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # imported only here: its logging and typing imports were a fifth of `facegen data --help`'s start-up
+        # imported only here: its logging and typing imports are a fifth of `facegen data --help`'s start-up
         from facegen_dist.cluster.teardown import end_without_teardown
 
         end_without_teardown(code)

@@ -1,9 +1,8 @@
 """Run configuration: a dataclass schema, YAML files on top, dotted CLI overrides last.
 
-OmegaConf (field standard, used by taming/DINOv2) gives us typed merging and struct mode, so
-an unknown key or a value of the wrong type is caught with its full dotted name. We turn its
-exceptions into one-line `ConfigError`s. The `model` section is validated against the
-schema of the method it names (`model.name`), so each method owns its own keys.
+OmegaConf (field standard, used by taming/DINOv2) gives typed merging and struct mode, so an unknown key or a
+value of the wrong type is caught with its full dotted name; we turn its exceptions into one-line `ConfigError`s.
+The `model` section is validated against the schema of the method it names, so each method owns its own keys.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Learning-rate schedule as a pure function of images seen.
 
-Stateless on purpose: accelerate's prepared scheduler steps `num_processes` times per
-optimizer step and skips on fp16 overflow, so its state depends on the launch. A function
-of images seen gives the same LR for the same point in training on any number of GPUs,
-and nothing to checkpoint.
+Stateless on purpose: accelerate's prepared scheduler steps `num_processes` times per optimizer step and skips
+on fp16 overflow, so its state depends on the launch. A function of images seen gives the same LR for the same
+point in training on any number of GPUs, and nothing to checkpoint.
 """
 
 from __future__ import annotations

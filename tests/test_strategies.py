@@ -1,9 +1,8 @@
 """Distributed strategies from configs/accelerate/, each with 2 real processes (gloo on CPU).
 
-DeepSpeed ZeRO-1/2/3-offload must train exactly what DDP trains (same losses, the NaN step
-skipped on both ranks), keep the ranks identical, write checkpoints that sampling reads, and
-resume bit-for-bit after kill -9. Methods DeepSpeed cannot run, and a strategy accelerate does
-not set up on this machine (FSDP without GPUs), stop at start-up with one line.
+DeepSpeed ZeRO-1/2/3-offload must train exactly what DDP trains (same losses, the NaN step skipped on both
+ranks), keep the ranks identical, write checkpoints that sampling reads, and resume bit-for-bit after kill -9.
+Methods DeepSpeed cannot run, and FSDP without GPUs (accelerate does not set it up), stop at start-up in one line.
 """
 
 import json

@@ -1,12 +1,8 @@
 """Reconstructions of the same validation images by several runs, one row each, under the inputs.
 
-    python tools/compare_reconstructions.py --run runs/vqvae2_avatars64 --run runs/vqgan_avatars64@ckpt-000000020000 \
-        --num 8 --zoom 2 --out docs/reconstructions_compared.png
+    python tools/compare_reconstructions.py --run runs/vqvae2_avatars64 --run runs/vqgan_avatars64@ckpt-000000020000 --num 8 --zoom 2 --out docs/reconstructions_compared.png
 
-`--run DIR@CHECKPOINT` picks a checkpoint (default: the newest; EMA weights where the run keeps them).
-Each row is labelled with its run, images seen, and PSNR / sharpness over the images shown (the
-`facegen eval` definitions); the same numbers go to stdout. `--zoom` enlarges the pixels, so that
-blur and artefacts show. Runs must train at the same resolution on data with a val split.
+Rows are labelled with run, images seen, PSNR and sharpness (also printed); `compare` says what the options pick.
 """
 
 from __future__ import annotations
@@ -26,6 +22,13 @@ def _split_run(spec: str) -> tuple[str, str]:
 
 
 def compare(run_specs: list[str], num: int, zoom: int, out: Path) -> list[dict]:
+    """The figure of `num` val images and each run's reconstructions at `out`; one record per run.
+
+    `run_specs`: `DIR` or `DIR@CHECKPOINT` (default: the newest; EMA weights where the run keeps them). Each row
+    is labelled with its run, images seen, and PSNR / sharpness over the images shown (the `facegen eval`
+    definitions); `zoom` enlarges the pixels, so that blur and artefacts show. Runs must train at the same
+    resolution on data with a val split.
+    """
     from accelerate import PartialState
     from matplotlib.figure import Figure
 

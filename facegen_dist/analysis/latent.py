@@ -1,11 +1,8 @@
 """The numbers of the latent-space study: encode a split over ranks, then project, measure and walk the latent.
 
-A model enters through `Method.latent_model(modules)`: `encode(images) -> (mean, logvar or None)`
-and `decode(latents)`. Latents are handled flattened ([N, D]) and reshaped only to decode, so a
-spatial pre-quantisation latent works the same way. Two optional attributes of that object:
-`latent_description` (what a latent is, for the records) and `no_gaussian_prior` (why decoding
-z ~ N(0, I) means nothing for this model, e.g. a VQ model; the generation view then records that
-instead of decoding). Figures are drawn in figures.py.
+A model enters through `Method.latent_model(modules)`: `encode(images) -> (mean, logvar or None)` and
+`decode(latents)`. Latents are handled flattened ([N, D]) and reshaped only to decode, so a spatial
+pre-quantisation latent works the same way. Figures are drawn in figures.py.
 """
 
 from __future__ import annotations
@@ -330,6 +327,7 @@ def study_run(
     labels, _ = encode_labels(values)
     numbers["latent_map"] = {
         "attr": options.attr,
+        # an optional attribute of the latent model: what a latent is, for the records
         "latent": getattr(model, "latent_description", "posterior means" if spherical else "codes"),
         "pca_explained_variance_ratio": explained.tolist(),
         "tsne": tsne_record,
@@ -382,6 +380,7 @@ def _generation(
     model, means: torch.Tensor, logvar: torch.Tensor | None, latent_shape: torch.Size, options: StudyOptions
 ) -> tuple[dict, torch.Tensor | None]:
     """Prior samples z ~ N(0, I) through the decoder and how far they lie from the codes; (record, None) where the model has no such prior."""
+    # An optional attribute of the latent model: why decoding z ~ N(0, I) means nothing for it (e.g. a VQ model).
     not_applicable = getattr(model, "no_gaussian_prior", None)
     if not_applicable:
         return {"skipped": not_applicable}, None

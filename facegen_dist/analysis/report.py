@@ -1,10 +1,8 @@
 """`facegen report --runs runs/* --out report/`: the comparison of trained runs, from their files only.
 
-Reads each run folder (config.yaml, summary.json, metrics.jsonl, eval/*.json, eval/history.jsonl,
-samples/*_final.png) and writes report.md, report.html, the figures (loss curves, metric vs
-images seen) and copies of the final grids. A figure missing from a run's files is shown as
-missing; nothing is re-measured or estimated, except the parameter count, which is counted from
-the modules the run's config builds (no weights are loaded).
+Reads each run folder (config.yaml, summary.json, metrics.jsonl, eval/*.json, eval/history.jsonl, samples/*_final.png)
+and writes report.md, report.html, the figures (loss curves, metric vs images seen) and copies of the final grids.
+Nothing is re-measured or estimated (what a run's files lack shows as missing), except the parameter count.
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _parameters(cfg) -> dict[str, int]:
-    """Counted from the modules the config builds; {} where they cannot be built here (a prior whose VQ run is elsewhere)."""
+    """Counted from the modules the config builds (no weights are loaded); {} where they cannot be built here (a prior whose VQ run is elsewhere)."""
     from facegen_dist.runs import build_method
 
     try:

@@ -1,9 +1,7 @@
 """The latent study of run folders, what `facegen latent --run runs/X [--run runs/Y ...] --out DIR` runs.
 
-Every rank restores the runs, checks the input and encodes its share of the val images; the
-latents are gathered and the main process computes the numbers, draws the figures and writes
-latent.json. Every check that can fail runs on every rank before the first collective, so a
-bad input stops all ranks with the same one-line error instead of leaving some waiting.
+Every rank restores the runs, checks the input and encodes its share of the val images; the latents are gathered
+and the main process computes the numbers, draws the figures and writes latent.json.
 """
 
 from __future__ import annotations
@@ -105,6 +103,8 @@ def study_runs(
     """
     accelerator = make_accelerator()
     try:
+        # Every check that can fail runs on every rank before the first collective, so a bad input stops all
+        # ranks with the same one-line error instead of leaving some waiting.
         subjects = [
             _prepare(accelerator, run_dir, options, num, batch_size, use_ema, overrides) for run_dir in run_dirs
         ]

@@ -1,11 +1,8 @@
 """`facegen suite --suite configs/suite_avatars.yaml`: train every model of a suite on one image budget, evaluate each, report.
 
-A suite file names the runs (a config, extra overrides, the `facegen eval` arguments, how many
-samples `facegen sample` should draw and time), the image
-budget every run gets (train.total_images) and the folder they go to. Each step is the command a
-user would type (`accelerate launch -m facegen_dist.cli train ...`, then `... eval ...`), run one
-after the other, so a suite stopped half-way continues where it was: a finished run is a no-op
-and an evaluation already on disk for the run's newest checkpoint is not redone.
+A suite file names the runs (a config, extra overrides, the `facegen eval` arguments, how many samples
+`facegen sample` should draw and time), the image budget every run gets (train.total_images) and their folder.
+Each step is the command a user would type, run one after the other, so a stopped suite continues where it was.
 """
 
 from __future__ import annotations
@@ -73,7 +70,9 @@ def _evaluated(run_dir: Path) -> bool:
 def run_suite(suite: dict, processes: int, only: set[str]) -> list[Path]:
     """Train, evaluate and time the samples of each run of `suite` (those named in `only`; all if empty), one after the other.
 
-    Each step is a command of its own; one that fails is reported and the suite goes on. Returns the run folders done.
+    Each step is a command of its own (`accelerate launch -m facegen_dist.cli train ...`, then `... eval ...`); one
+    that fails is reported and the suite goes on. A finished run is a no-op, and an evaluation already on disk for
+    the run's newest checkpoint is not redone. Returns the run folders done.
     """
     run_root = Path(suite["run_dir"])
     done = []

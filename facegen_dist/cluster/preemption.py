@@ -1,11 +1,8 @@
 """Stop at a step boundary when the scheduler says so, with every rank agreeing.
 
-SLURM sends SIGUSR1 (`#SBATCH --signal=USR1@lead`, or `scancel --signal=USR1`) before a time
-limit or a preemption; submitit's jobs get SIGUSR2 (its default). The handler only records the
-signal: a checkpoint needs every rank at the same step, so the loop asks `agreed()` after each
-step (one tiny all-reduce), and all ranks stop together. A second signal while the checkpoint is
-being written changes nothing. SIGTERM is left alone: SLURM sends it to kill, KillWait seconds
-before SIGKILL, usually too short for a checkpoint; the atomic checkpoints keep the last one safe.
+SLURM sends SIGUSR1 (`#SBATCH --signal=USR1@lead`, or `scancel --signal=USR1`) before a time limit or a
+preemption; submitit's jobs get SIGUSR2 (its default). The handler only records the signal; the loop asks
+`agreed()` after each step, so all ranks stop and checkpoint after the same step.
 """
 
 from __future__ import annotations
@@ -19,6 +16,12 @@ PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class PreemptionWatcher:
+    """Records the first SIGUSR1/SIGUSR2 of this process; `agreed()` shares it with every rank.
+
+    SIGTERM is left alone: SLURM sends it to kill, KillWait seconds before SIGKILL, usually too short for a
+    checkpoint; the atomic checkpoints keep the last one safe.
+    """
+
     def __init__(self, signals: tuple[int, ...] = PREEMPT_SIGNALS):
         self.received: int | None = None
         self.previous: dict[int, object] = {}
@@ -27,6 +30,7 @@ class PreemptionWatcher:
                 self.previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        # Only a record: a second signal while the checkpoint is being written changes nothing.
         if self.received is None:
             self.received = signum
 
@@ -35,7 +39,10 @@ class PreemptionWatcher:
         return signal.Signals(self.received).name if self.received is not None else ""
 
     def agreed(self, accelerator) -> bool:
-        """True on every rank once any rank has received a signal."""
+        """True on every rank once any rank has received a signal (one tiny all-reduce per step).
+
+        A checkpoint needs every rank at the same step, so ranks stop on the agreed answer, not on their own signal.
+        """
         if accelerator.num_processes == 1:
             return self.received is not None
         # The largest signal number any rank got (0: none), so every rank also knows which one it was.

@@ -1,15 +1,8 @@
 """SLURM: the job's environment -> `accelerate launch`, checks before anything starts, and requeue.
 
-Each script in slurm/ runs `srun facegen launch -- train --config ...` with one task per node
-(the layout of accelerate's examples/slurm/submit_multinode.sh). That task reads SLURM's
-variables (nodes, node id, first host of the node list), checks this node (config, data, GPUs)
-and starts `accelerate launch`, which starts one process per GPU.
-
-Signals: SLURM signals every process of a job step. torchrun's agent inside `accelerate launch`
-would die of SIGUSR1 (no handler), taking the workers with it, so the task ignores SIGUSR1/USR2
-before starting it: the agent inherits "ignore", and each training process installs its own
-handler (cluster/preemption.py), checkpoints at a step boundary and exits; the launcher of node 0
-then requeues the job.
+Each script in slurm/ runs `srun facegen launch -- train --config ...` with one task per node (the layout of
+accelerate's examples/slurm/submit_multinode.sh). That task reads SLURM's variables (nodes, node id, first host
+of the node list), checks this node (config, data, GPUs) and starts `accelerate launch`: one process per GPU.
 """
 
 from __future__ import annotations
@@ -155,7 +148,10 @@ def start_node(command: list[str], rdzv: Rendezvous, cpu: bool) -> int:
             file=sys.stderr,
             flush=True,
         )
-    for signum in (signal.SIGUSR1, signal.SIGUSR2):  # inherited by the launcher; see the module docstring
+    # SLURM signals every process of the job step, and torchrun's agent inside `accelerate launch` would die of
+    # SIGUSR1 (no handler), taking the workers with it. The agent inherits "ignore"; each training process
+    # installs its own handler (cluster/preemption.py), checkpoints at a step boundary and exits.
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     try:
         returncode = subprocess.call(command)

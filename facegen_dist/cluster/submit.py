@@ -1,14 +1,8 @@
 """`facegen submit`: one command from a config to a running SLURM job (submitit), or --local.
 
-submitit starts one task per GPU on every node; each task turns its JobEnvironment into the
-variables Accelerate reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and runs the same
-training loop as `accelerate launch train.py` (DINOv2's run/submit.py does the same).
-
-Preemption: submitit sends SIGUSR2 (`--signal=USR2@delay`) and its handler would requeue at once,
-from inside whatever the training was doing. The run replaces that handler while it trains
-(cluster/preemption.py): all ranks finish the step and write a checkpoint; then submitit's own
-handler runs, calls `TrainingJob.checkpoint()` and requeues. The requeued job starts the same
-TrainingJob, which resumes from the newest checkpoint.
+submitit starts one task per GPU on every node; each task turns its JobEnvironment into the variables
+Accelerate reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and runs the same training loop as
+`accelerate launch train.py` (DINOv2's run/submit.py does the same).
 """
 
 from __future__ import annotations
@@ -110,6 +104,8 @@ class TrainingJob:
         from facegen_dist.train.loop import run
 
         os.chdir(self.workdir)
+        # Replaces submitit's SIGUSR2 handler while the run trains: that one would requeue at once, from inside
+        # whatever the step was doing. Here all ranks finish the step and checkpoint; submitit's runs after.
         preemption = PreemptionWatcher()  # before anything slow: a signal during start-up is kept
         self._distributed_env()
         result = run(load_config(self.config_files, self.overrides), preemption)

@@ -1,9 +1,7 @@
 """Procedural cartoon avatars: the embedded dataset, a stand-in for Google Cartoon Set.
 
-python-avatars composes avataaars-style SVGs from named parts (hair, eyes, mouth, skin,
-clothes, ...) and resvg-py rasterises them, so every image comes with its attributes, like
-Cartoon Set's per-image CSV. Both draw from Python's global `random`; we reseed it per image
-from (seed, index), which makes image i the same whatever process or order renders it.
+python-avatars composes avataaars-style SVGs from named parts (hair, eyes, mouth, skin, clothes, ...) and
+resvg-py rasterises them, so every image comes with its attributes, like Cartoon Set's per-image CSV.
 """
 
 from __future__ import annotations
@@ -50,6 +48,8 @@ def _color_name(value, palette: type[enum.Enum]) -> str:
 
 def render_avatar(seed: int, index: int, size: int) -> tuple[bytes, dict[str, str]]:
     """Image `index` of the set made with `seed`: PNG bytes (size x size RGB) and attributes."""
+    # Both packages draw from the global `random`: reseeded per image, image i is the same whatever
+    # process or order renders it.
     random.seed(f"facegen-avatars/{seed}/{index}")
     background = random.choice(sorted(BACKGROUNDS))
     avatar = pa.Avatar.random(style=pa.AvatarStyle.TRANSPARENT, shirt_text="")

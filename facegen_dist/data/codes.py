@@ -1,12 +1,8 @@
 """Code shards: a VQ run's codes of an image dataset, the data a PixelCNN prior trains on.
 
-`facegen codes --run runs/vqvae2_avatars64 --out data/codes-vqvae2_avatars64` (also under
-`accelerate launch`): every image shard becomes a code shard of the same name and keys, each
-sample `KEY.<level>.npy` (int16 [h, w] per code level) + its `KEY.json` attributes. Shard i goes
-to process i mod P and is encoded in batches that start at the shard's first sample, so the
-shards are byte-identical for any process count. The manifest (kind `vq-codes`) names the VQ
-run and checkpoint the codes came from and the image dataset they encode, which grids and
-evaluation of a prior trained on them read.
+`facegen codes --run runs/vqvae2_avatars64 --out data/codes-vqvae2_avatars64` (also under `accelerate launch`):
+every image shard becomes a code shard of the same name and keys, `KEY.<level>.npy` (int16 [h, w] per level) +
+`KEY.json`. The manifest (kind `vq-codes`) names the VQ run and checkpoint and the image dataset they encode.
 """
 
 from __future__ import annotations
@@ -104,6 +100,8 @@ def extract_codes(accelerator, restored, out_dir: str | os.PathLike, batch_size:
     accelerator.wait_for_everyone()
     source = read_manifest(images)
     vq, resolution = restored.modules["vqvae"], restored.cfg.data.resolution
+    # Shard i goes to process i mod P and is encoded in batches that start at its first sample, so the
+    # code shards are byte-identical for any process count.
     mine = [
         (split, entry)
         for split, info in source["splits"].items()

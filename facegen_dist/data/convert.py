@@ -1,17 +1,8 @@
 """Convert a `Source` (FFHQ, Cartoon Set, a folder) into train/val WebDataset shards: parallel, resumable, verifiable.
 
-The plan is fixed before any image is read: the split (seeded, or the dataset's own) and
-which items each shard holds come from the item list alone. Shards are written in
-the archive's read order, each to `NAME.tar.partial` and renamed when complete; a journal
-(`.facegen-convert.json`) records every finished shard with its sha256. A rerun of the same
-command after a crash or Ctrl-C checks the journalled shards, skips those whose sha256
-still matches, discards partial ones and converts the rest: no duplicates, no gaps. The
-manifest is written last, so a folder with a manifest is always complete.
-
-Images are decoded, centre-cropped to a square, resized with PIL's Lanczos filter (it
-widens its kernel by the scale factor, so downscaling is antialiased) and re-encoded in
-worker processes; the main process only reads files and writes tars, in order, so a
-conversion is byte-identical whatever the number of workers.
+The plan (split, items per shard) comes from the item list alone, before any image is read. Worker processes
+decode, crop, resize and re-encode; the main process writes the tars in read order, each as `NAME.tar.partial`
+renamed when complete and journalled with its sha256, and the manifest last. How a rerun resumes: docs/data.md.
 """
 
 from __future__ import annotations
@@ -136,6 +127,7 @@ def prepare_image(payload: bytes, options: ConvertOptions) -> bytes:
         left, top = (width - side) // 2, (height - side) // 2
         image = image.crop((left, top, left + side, top + side))
     if side != options.size:
+        # PIL's Lanczos widens its kernel by the scale factor, so downscaling is antialiased.
         image = image.resize((options.size, options.size), Image.Resampling.LANCZOS)
     return encode_image(image, options.image_format, options.resolved_quality)
 
@@ -372,6 +364,7 @@ def _convert_items(source, todo, plan, journal, out_dir, options, sampled, worke
     description = f"{source.name} -> {options.size}px {options.image_format}"
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
     try:
+        # imap yields in order and only this process writes tars: byte-identical output whatever the worker count.
         results = pool.imap(work, _bounded(tasks(), window), chunksize=2) if pool else map(work, tasks())
         for item, (image, reason, sha) in zip(
             todo, progress_bar(results, total=len(todo), desc=description, unit="img", disable=not progress)

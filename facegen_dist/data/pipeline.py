@@ -1,23 +1,8 @@
 """The training stream: sharded, shuffled, endless, equal-length per rank, resumable in O(shard).
 
-Why not `wds.WebDataset(..., resampled=True)` + a shuffle buffer: its resampling is seeded
-from pid/time (not reproducible), a shuffle buffer's contents depend on everything read
-before, so resuming means replaying the whole stream, and `split_by_node` with uneven shard
-counts gives ranks different batch counts (DDP hangs). Here the stream is a pure function of
-(seed, slot, position), built from webdataset's shard reading (see `shards.py`):
-
-* A *slot* is one (rank, worker) pair. The shard order is an endless sequence of seeded
-  permutations of all shards; slot s takes elements s, s+S, s+2S, ... (S = slots), so slots
-  read disjoint shards within a pass and never run dry: every rank yields the same number
-  of batches forever, and the loop stops on an image budget, never on data exhaustion.
-* Every `shuffle_group` shards of a slot form a group, read into memory (encoded bytes)
-  and permuted as one block; flips are drawn per position. Group sizes come from the
-  manifest, so position p is located without reading anything before it.
-* DataLoader asks workers for batches round-robin, so batch k of a rank comes from worker
-  k % W. Resuming after B batches, worker w plays logical slot (w + B) % W and starts at that
-  slot's next unread batch: the resumed stream equals the uninterrupted one exactly.
-* A sample that cannot be read or decoded (damaged tar, bad image) is replaced by the next
-  good sample of its group and counted, so batches keep their size and ranks stay in step.
+A pure function of (seed, slot, position), built from webdataset's shard reading (see `shards.py`) instead of
+`wds.WebDataset(..., resampled=True)` + a shuffle buffer. Design notes (why, slots, shuffle groups, exact
+resume, unreadable samples): docs/data.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """WebDataset tar shards and their manifest.
 
-A shard is a plain WebDataset tar: for each sample `KEY.png` (or .jpg/.webp) and `KEY.json`.
-The manifest (`manifest.json` beside the shards) lists every split's shards with their
-sample counts and sha256, which lets the loader place any stream position without reading
-earlier shards, and lets `verify` find corrupt or missing files.
-
-Tars are written with Python's `tarfile` rather than `webdataset.TarWriter` because the
-latter stamps the current time into each member; fixed headers make a shard set
-byte-identical for a seed, so its checksums double as a determinism test.
+A shard is a plain WebDataset tar: `KEY.png` (or .jpg/.webp) and `KEY.json` per sample. The manifest
+(`manifest.json` beside the shards) lists every split's shards with sample counts and sha256, so the loader
+places any stream position without reading earlier shards, and `verify` finds corrupt or missing files.
 """
 
 from __future__ import annotations
@@ -37,6 +32,8 @@ class ShardInfo:
     num_samples: int
 
 
+# Python's tarfile, not webdataset.TarWriter, which stamps the current time into each member: fixed headers
+# make a shard set byte-identical for a seed, so its checksums double as a determinism test.
 def tar_member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
     info.size = len(payload)

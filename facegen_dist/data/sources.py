@@ -1,9 +1,8 @@
 """Where the images of a conversion come from: FFHQ, Google Cartoon Set, or any folder of images.
 
-A source is an `Archive` (a folder, a zip or a tar/tgz) and the list of `SourceItem`s to
-convert, in the order the archive reads fastest (sorted for folders and zips, the archive's
-own order for tars, which cannot seek). Each finder checks the layout it expects and says in
-one line what it found instead.
+A source is an `Archive` (a folder, a zip or a tar/tgz) and the list of `SourceItem`s to convert, in the order
+the archive reads fastest (sorted for folders and zips, the archive's own order for tars, which cannot seek).
+Each finder checks the layout it expects and says in one line what it found instead.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The shipped avatar feature extractor, registered in torch-fidelity as `avatar-v1`.
 
-An AttributeNet trained on the embedded avatars' attributes (`facegen extractor train`); its
-pooled features give an FD/KID/precision-recall that measures what matters on avatars,
-offline. Its values are reported as fd_avatar-v1 etc., never as FID: they are not comparable
-with Inception FIDs. The weights are checked against the sha256 in their manifest on load.
+An AttributeNet trained on the embedded avatars' attributes (`facegen extractor train`); its pooled features give
+an FD/KID/precision-recall that measures what matters on avatars, offline. Its values are reported as fd_avatar-v1
+etc., never as FID: they are not comparable with Inception FIDs. The weights are checked against their sha256.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Feature extractors for FID/KID/PR: torch-fidelity's registry, with weights that are never random.
 
-The standard network is torch-fidelity's `inception-v3-compat` (the TF-FID Inception). Its
-weights come from `eval.inception_weights`, else torch's hub cache (where torch-fidelity
-downloads them), else a download if `eval.allow_download`. With none of these we stop with a
-message saying how to provide them: a randomly initialised Inception gives numbers that
-look like FIDs and mean nothing. Other extractors (tests' tiny one, the avatar extractor)
-are registered by modules named in `eval.plugins`, through torch-fidelity's own registry.
+The standard network is torch-fidelity's `inception-v3-compat` (the TF-FID Inception), its weights found by
+`inception_weights_path`: a randomly initialised Inception gives numbers that look like FIDs and mean nothing.
+Other extractors (tests' tiny one, the avatar extractor) are registered by modules named in `eval.plugins`.
 """
 
 from __future__ import annotations
@@ -86,7 +83,8 @@ def resolve_extractor_name(eval_cfg, dataset_name: str | None) -> str:
 
 
 def inception_weights_path(eval_cfg) -> str:
-    """A local file with the Inception weights, downloading it if allowed; else a one-line error."""
+    """A local file with the Inception weights: `eval.inception_weights`, else torch's hub cache (where
+    torch-fidelity downloads them), else a download if `eval.allow_download`; else a one-line error."""
     if eval_cfg.inception_weights:
         if not os.path.isfile(eval_cfg.inception_weights):
             raise ConfigError(f"eval.inception_weights: no such file '{eval_cfg.inception_weights}'")

@@ -1,10 +1,8 @@
 """Features of N images made on every rank and gathered, the same whatever the process count.
 
-The N images are cut into fixed chunks of `batch_size` (chunk c = images c*B ... c*B+B-1),
-dealt to ranks round-robin. A chunk is generated (its noise seeded by (seed, c)) and
-featurised as one batch on whichever rank gets it, so every image and feature is computed
-from the same inputs in the same batch for P = 1, 2, 8 ... processes. Features are gathered
-to every rank and put back in image order.
+The N images are cut into fixed chunks of `batch_size` (chunk c = images c*B ... c*B+B-1), dealt to ranks
+round-robin. A chunk is generated (its noise seeded by (seed, c)) and featurised as one batch on whichever rank
+gets it, so every image and feature comes from the same inputs in the same batch for P = 1, 2, 8 ... processes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The metric registry: what each metric needs, and how it turns gathered features into numbers.
 
-Feature metrics call torch-fidelity's own feature-level functions (the same code its
-`calculate_metrics` runs), so values match torch-fidelity's for the same features. With an
-extractor other than Inception the names say so (`fd_<extractor>`, not `fid`): an FD on
-another network is not comparable with published FIDs.
+Feature metrics call torch-fidelity's own feature-level functions (the same code its `calculate_metrics` runs),
+so values match torch-fidelity's for the same features. With an extractor other than Inception the names say so
+(`fd_<extractor>`, not `fid`): an FD on another network is not comparable with published FIDs.
 """
 
 from __future__ import annotations

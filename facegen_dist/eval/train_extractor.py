@@ -1,9 +1,8 @@
 """`facegen extractor train`: train the avatar AttributeNet on a shard set's attributes (Accelerate, DDP-ready).
 
-A short supervised loop, not the generative Trainer: one cross-entropy per attribute head
-(labels that do not apply to an image, e.g. a hat colour without a hat, are ignored). The
-data stream is the same resumable shard stream as training uses, with labels. Deterministic
-for a seed on CPU. Writes `<out>.safetensors` and its manifest `<out>.json`.
+A short supervised loop, not the generative Trainer: one cross-entropy per attribute head (labels that do not
+apply to an image, e.g. a hat colour without a hat, are ignored), on the training's resumable shard stream with
+labels. Deterministic for a seed on CPU. Writes `<out>.safetensors` and its manifest `<out>.json`.
 """
 
 from __future__ import annotations

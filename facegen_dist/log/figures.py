@@ -27,7 +27,7 @@ def codebook_usage_figure(usage: dict[str, torch.Tensor], path: Path) -> None:
         axis.set_xlabel("code (sorted by use)")
         axis.set_ylabel("share of picks (EMA)")
         used = (share > 1e-4).float().mean().item()
-        # Two lines: on one the title ran past a 5-inch panel and lost the "used" figure.
+        # Two lines: on one, the title runs past a 5-inch panel and loses the "used" figure.
         axis.set_title(
             f"{level}: {len(ordered)} codes, used {used:.0%}\nperplexity of EMA usage {perplexity(counts).item():.0f}",
             fontsize=10,

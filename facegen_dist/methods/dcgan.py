@@ -1,13 +1,8 @@
 """DCGAN baseline: a discriminator phase, then a generator phase, each with its own Adam (betas 0.5, 0.999).
 
-  discriminator  loss(D(x), D(G(z)))   z ~ N(0, I) drawn per step; G under no_grad
-  generator      adversarial loss of D(G(z')) for fresh z'  (vanilla: -log sigmoid, the paper's
-                 non-saturating form; or hinge: -D)
-
-D scores real and fake images in separate forwards (BatchNorm statistics of a real-only and a
-fake-only batch, the same as the generator's phase sees; the VQ-GAN's D does the same).
-The generator's phase reads D through the plain module, so D's DDP reducer is only used by D's
-own phase. The generator has an EMA copy, which draws the samples and the metrics.
+D learns from loss(D(x), D(G(z))), z ~ N(0, I) drawn per step and G under no_grad; G from the adversarial
+loss of D(G(z')) for a fresh z' (vanilla: -log sigmoid, the paper's non-saturating form; or hinge: -D).
+The generator has an EMA copy, which draws the samples and the metrics.
 """
 
 from __future__ import annotations
@@ -73,6 +68,7 @@ class DCGANMethod(Method):
         if phase == "discriminator":
             with torch.no_grad():
                 fake = plain_module(modules["generator"])(latents)
+            # Separate forwards: D's BatchNorm sees a fake-only batch, as in the generator's phase.
             logits_real, logits_fake = score_real_and_fake(modules["discriminator"], images, fake)
             d_loss = discriminator_loss(logits_real, logits_fake, self.cfg.loss)
             return d_loss, {
@@ -80,6 +76,7 @@ class DCGANMethod(Method):
                 "logits_real": logits_real.detach().mean(),
                 "logits_fake": logits_fake.detach().mean(),
             }
+        # D's plain module: D's DDP reducer is only used by D's own phase.
         logits_fake = plain_module(modules["discriminator"])(modules["generator"](latents)).float()
         g_loss = generator_adversarial_loss(logits_fake, self.cfg.loss)
         return g_loss, {"g_loss": g_loss.detach(), "loss": g_loss.detach()}

@@ -1,25 +1,7 @@
 """IntroVAE (Huang et al. 2018, Algorithm 1): the encoder doubles as the discriminator.
 
-Per batch X, in the algorithm's order:
-
-  encoder phase   Z ~ q(z|X) (reparameterised), Zp ~ N(0, I), Xr = Dec(Z), Xp = Dec(Zp)
-                  L_AE  = 0.5 * ||Xr - X||^2                    (summed over pixels, mean over images)
-                  L_E   = L_REG(Z) + alpha * ([m - L_REG(Enc(ng(Xr)))]+ + [m - L_REG(Enc(ng(Xp)))]+) + beta * L_AE
-                  -> step the encoder
-  decoder phase   Xr = Dec(Z), Xp = Dec(Zp)                     (same Z, Zp; the decoder has not moved)
-                  L_G   = alpha * (L_REG(Enc(Xr)) + L_REG(Enc(Xp))) + beta * L_AE     (Enc: the updated encoder)
-                  -> step the decoder
-
-L_REG is the KL of q(z|x) to N(0, I), summed over latent dimensions and averaged over the batch
-(inside the hinge too, as the authors' code does). Before `vae_images` the adversarial terms
-are off and it trains as the plain VAE (the authors' `num_vae` warm-up, counted in images).
-
-How it meets the loop: Z and Zp of each micro-batch travel with it (IntroVAEBatch) from the
-encoder phase to the decoder phase of the same step, and each phase calls the other network through its plain
-module, so each network's DDP reducer only serves its own phase. The decoder is run on Z and
-Zp separately in both phases, so its BatchNorm statistics and Xr, Xp are the same in both; the
-encoder scores Xr and Xp in one forward of the concatenated batch (BatchNorm statistics of the
-pair, the same in both phases).
+An encoder phase, then a decoder phase, each stepping its own network with its own optimizer, in the
+algorithm's order (written out in `IntroVAEMethod`'s docstring).
 """
 
 from __future__ import annotations
@@ -94,18 +76,37 @@ def decoder_loss(
 
 @dataclass
 class IntroVAEBatch(MicroBatch):
+    # Z and Zp travel with the micro-batch from the encoder phase to the decoder phase of the same step.
     latents: torch.Tensor | None = None  # Z, detached, from the encoder phase
     prior: torch.Tensor | None = None  # Zp
 
 
 def _score_pair(encoder: nn.Module, reconstruction: torch.Tensor, fake: torch.Tensor) -> tuple[tuple, tuple]:
-    """(mean, logvar) of Xr and of Xp, from one encoder forward of the concatenated batch."""
+    """(mean, logvar) of Xr and of Xp, from one encoder forward of the concatenated batch.
+
+    One forward, so the encoder's BatchNorm statistics are those of the pair, the same in both phases.
+    """
     mean, logvar = encoder(torch.cat([reconstruction, fake]))
     size = len(reconstruction)
     return (mean[:size], logvar[:size]), (mean[size:], logvar[size:])
 
 
 class IntroVAEMethod(Method):
+    """Per batch X, in the order of the paper's Algorithm 1:
+
+      encoder phase   Z ~ q(z|X) (reparameterised), Zp ~ N(0, I), Xr = Dec(Z), Xp = Dec(Zp)
+                      L_AE  = 0.5 * ||Xr - X||^2                    (summed over pixels, mean over images)
+                      L_E   = L_REG(Z) + alpha * ([m - L_REG(Enc(ng(Xr)))]+ + [m - L_REG(Enc(ng(Xp)))]+) + beta * L_AE
+                      -> step the encoder
+      decoder phase   Xr = Dec(Z), Xp = Dec(Zp)                     (same Z, Zp; the decoder has not moved)
+                      L_G   = alpha * (L_REG(Enc(Xr)) + L_REG(Enc(Xp))) + beta * L_AE     (Enc: the updated encoder)
+                      -> step the decoder
+
+    L_REG is the KL of q(z|x) to N(0, I), summed over latent dimensions and averaged over the batch
+    (inside the hinge too, as the authors' code does). Before `vae_images` the adversarial terms
+    are off and it trains as the plain VAE (the authors' `num_vae` warm-up, counted in images).
+    """
+
     config_class = IntroVAEConfig
 
     def build_modules(self) -> dict[str, nn.Module]:
@@ -133,6 +134,8 @@ class IntroVAEMethod(Method):
 
     def loss(self, phase, modules, batch: IntroVAEBatch):
         cfg, images, adversarial = self.cfg, batch.images, self.adversarial(batch.images_seen)
+        # Each phase calls the other network through its plain module, so each DDP reducer only serves its own
+        # phase. The decoder runs on Z and Zp separately in both phases: the same BatchNorm statistics, Xr and Xp.
         if phase == "encoder":
             encoder, decoder = modules["encoder"], plain_module(modules["decoder"])
             mean, logvar = encoder(images)

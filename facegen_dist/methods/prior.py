@@ -1,17 +1,8 @@
 """The prior stage: an autoregressive model over the codes of a finished VQ run (VQ-VAE, VQ-VAE2, VQ-GAN).
 
-`CodePriorMethod` holds what every prior shares: the frozen VQ model, the codes (from code
-shards or encoded on the fly), the checks, and decoding samples. Two priors plug in:
-`pixelcnn_prior` (gated PixelCNNs, VQ-VAE-2's) and `gpt_prior` (a transformer over the
-raster-ordered codes, VQ-GAN's).
-
-PixelCNN: one phase (and optimizer) per code level: for VQ-VAE2 a top prior and a bottom prior
-conditioned on the top codes, trained side by side on the same batches. The VQ model is
-loaded frozen from `model.vq_run`. The codes come either from code shards that
-`facegen codes` extracted with that checkpoint (data.path = their folder), or, with an image
-dataset, from the VQ encoder on the fly: an encoder pass costs a fraction of the PixelCNN's,
-and the stream's flips then augment the code distribution.
-Sampling draws top codes, then bottom codes given them, and decodes with the VQ decoder.
+`CodePriorMethod` holds what every prior shares: the frozen VQ model (`model.vq_run`), the codes (code shards
+or encoded on the fly, see docs/choices.md), the checks, and decoding samples. `pixelcnn_prior`: one gated
+PixelCNN per code level (VQ-VAE2's bottom one conditioned on the top codes); `gpt_prior`: VQ-GAN's transformer.
 """
 
 from __future__ import annotations
@@ -102,7 +93,7 @@ class CodePriorMethod(Method):
     def levels(self) -> tuple[str, ...]:
         return tuple(self.grids)  # ("top", "bottom") or ("bottom",): sampling order
 
-    def phases(self) -> list[Phase]:
+    def phases(self) -> list[Phase]:  # one prior per code level, trained side by side on the same batches
         return [Phase(f"prior_{level}", (f"prior_{level}",)) for level in self.levels]
 
     def ema_modules(self) -> tuple[str, ...]:
@@ -119,6 +110,7 @@ class CodePriorMethod(Method):
     def prepare(self, batch: MicroBatch) -> MicroBatch:
         """A code dataset's batch as it is; an image batch encoded once, for every level's phase."""
         if batch.codes is None:
+            # An encoder pass costs a fraction of the prior's, and the stream's flips then augment the codes.
             batch.codes = self.codes(batch.images)
         return batch
 

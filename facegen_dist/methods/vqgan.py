@@ -1,28 +1,7 @@
 """VQ-GAN (Esser et al. 2021): a VQ autoencoder trained with L1 + perceptual + codebook losses and a patch discriminator.
 
-Two phases per step, each with its own optimizer (taming-transformers' recipe: Adam, betas
-(0.5, 0.9) for both):
-
-  generator      rec + perceptual_weight * LPIPS + codebook loss
-                 + disc_factor * adaptive_weight * (-D(x_rec))          once the discriminator is on
-  discriminator  disc_factor * hinge(D(x), D(x_rec))                   skipped before disc_start_images
-
-The adaptive weight is the ratio of the gradient norms of the reconstruction (nll) loss and
-the adversarial loss at the decoder's last layer, times disc_weight (taming's
-`calculate_adaptive_weight`).
-
-What this does differently from taming, and why:
-  * the discriminator start is counted in images (`disc_start_images`), like every duration here;
-  * before the start the discriminator phase does not run at all (taming steps D with a zero
-    loss), so no compute is spent and no D optimizer state moves;
-  * the generator's adversarial term reads D through the plain module, not its DDP wrapper: the
-    D parameters get gradients that the loop clears before D's own phase, and D's DDP reducer is
-    only ever used by D's phase (no unused-parameter hangs);
-  * D sees the reconstructions of the generator phase of the same step (taming recomputes them
-    after G's update): that saves an autoencoder forward, and an EMA codebook must see each batch
-    once, not twice;
-  * the codebook is learnt by EMA by default (taming: by loss), with k-means init and dead-code
-    restarts: the shared quantizer of the VQ-VAEs.
+Two phases per step, generator then discriminator, each with its own optimizer (taming-transformers'
+recipe). Design notes (the losses, what this does differently from taming and why): docs/vqgan.md.
 """
 
 from __future__ import annotations
@@ -169,6 +148,7 @@ class VQGANMethod(VQVAEMethod):
         return images_seen >= self.cfg.disc_start_images
 
     def phase_active(self, phase: str, images_seen: int) -> bool:
+        # Skipped, not stepped with a zero loss (taming): no compute spent, no D optimizer state moves.
         return phase != "discriminator" or self.disc_on(images_seen)
 
     def loss(self, phase, modules, batch):
@@ -192,11 +172,12 @@ class VQGANMethod(VQVAEMethod):
     def _generator_loss(self, modules, batch: VQGANBatch):
         cfg, images, images_seen = self.cfg, batch.images, batch.images_seen
         reconstruction, _, quantizer_loss, level_stats = modules["vqvae"](images)
+        # D scores these (taming recomputes them after G's step): saves a forward; an EMA codebook sees each batch once.
         batch.reconstruction = reconstruction.detach()
         nll, stats = self._reconstruction_loss(reconstruction, images)
         loss = nll + quantizer_loss
         if self.disc_on(images_seen):
-            # see the module docstring: D's DDP reducer stays out of G's phase
+            # D's plain module, not its DDP wrapper: D's reducer only serves D's phase (no unused-parameter hangs)
             discriminator = plain_module(modules["discriminator"])
             logits_fake, fake_features = discriminator(reconstruction, return_features=True)
             g_loss = generator_adversarial_loss(logits_fake, cfg.disc_loss)

@@ -1,9 +1,6 @@
 """A small CNN that classifies avatar attributes; its pooled features are the avatar FD's feature space.
 
-Input: uint8 images of any size, resized (antialiased) to `input_size`. Four stages, each
-halving the resolution with a strided 3x3 conv (BN, ReLU) followed, after the first stage,
-by a second 3x3 conv; then global average pooling to a `channels[-1]`-d feature and one
-linear head per attribute. Sized to train in minutes on 2 CPU cores.
+Sized to train in minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -29,6 +26,10 @@ def _stage(in_channels: int, out_channels: int, second_conv: bool) -> nn.Sequent
 
 
 class AttributeNet(nn.Module):
+    """Input: uint8 images of any size, resized (antialiased) to `input_size`. Four stages, each halving the
+    resolution with a strided 3x3 conv (BN, ReLU) followed, after the first stage, by a second 3x3 conv; then
+    global average pooling to a `channels[-1]`-d feature and one linear head per attribute."""
+
     def __init__(
         self, head_sizes: dict[str, int], channels: tuple[int, ...] = (32, 64, 128, 192), input_size: int = 64
     ):

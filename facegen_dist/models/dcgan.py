@@ -1,10 +1,6 @@
 """DCGAN (Radford et al. 2016): a transposed-conv generator from a latent vector and its mirror discriminator.
 
-Generator: z -> 4x4 (transposed conv 4x4), then one [transposed conv 4x4 stride 2 + BatchNorm +
-ReLU] per doubling up to the resolution, the last one to RGB with tanh (mapped to [0, 1], the
-range of every image here). Discriminator: [conv 4x4 stride 2 + (BatchNorm) + LeakyReLU 0.2]
-down to 4x4, then a 4x4 conv to one logit. Widths double as the maps halve, capped at
-`max_channels`. Weights N(0, 0.02), BatchNorm scales N(1, 0.02): the paper's initialisation.
+Widths double as the maps halve, capped at `max_channels`.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ def _widths(resolution: int, channels: int, max_channels: int) -> list[int]:
 
 
 def dcgan_init(module: nn.Module) -> None:
+    """Weights N(0, 0.02), BatchNorm scales N(1, 0.02): the paper's initialisation."""
     for layer in module.modules():
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(layer.weight, 0.0, 0.02)
@@ -35,6 +32,9 @@ def dcgan_init(module: nn.Module) -> None:
 
 
 class DCGANGenerator(nn.Module):
+    """z -> 4x4 (transposed conv 4x4), then one [transposed conv 4x4 stride 2 + BatchNorm + ReLU] per doubling
+    up to the resolution, the last one to RGB with tanh (mapped to [0, 1], the range of every image here)."""
+
     def __init__(self, resolution: int, latent_dim: int = 100, channels: int = 64, max_channels: int = 512):
         super().__init__()
         widths = _widths(resolution, channels, max_channels)
@@ -56,6 +56,8 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
+    """[conv 4x4 stride 2 + (BatchNorm) + LeakyReLU 0.2] down to 4x4, then a 4x4 conv to one logit."""
+
     def __init__(self, resolution: int, channels: int = 64, max_channels: int = 512, batch_norm: bool = True):
         super().__init__()
         widths = list(reversed(_widths(resolution, channels, max_channels)))

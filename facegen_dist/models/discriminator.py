@@ -1,23 +1,8 @@
 """PatchGAN discriminator for the VQ-GAN, after taming-transformers.
 
-Follows CompVis/taming-transformers `taming/modules/discriminator/model.py` (NLayerDiscriminator,
-weights_init, itself pix2pix's) and `taming/modules/util.py` (ActNorm). Layer indices inside
-`main` match taming's, so its discriminator weights load as they are.
-
-Changed from taming, and why:
-- Images come in [0, 1] and are scaled to [-1, 1] inside (taming's D is fed [-1, 1] images).
-- `norm` picks 'batch' (taming's default), 'act' (taming's use_actnorm) or 'none' (no norm, conv
-  biases on; an Identity keeps the layer indices).
-- ActNorm initialises loc/scale from the first training batch's statistics *pooled over all
-  ranks* (all-reduced sums), so every rank starts from the same D; taming's uses the local batch,
-  which under DDP gives each rank a different D that is never re-synced (parameters are only
-  broadcast when DDP wraps the model, before this init). Like the quantizer, the sync is a
-  property of the layer and only runs in training mode, on the first forward.
-- `forward(x, return_features=True)` also returns the activations after each LeakyReLU, for the
-  feature-matching loss.
-
-Under DDP, BatchNorm statistics are per rank (DDP broadcasts rank 0's running buffers); convert
-with `nn.SyncBatchNorm.convert_sync_batchnorm` if that matters.
+Follows CompVis/taming-transformers' NLayerDiscriminator and ActNorm; layer indices inside `main` match
+taming's, so its discriminator weights load as they are. Design notes (what is changed from taming, and
+why): docs/vqgan.md.
 """
 
 from __future__ import annotations
@@ -57,6 +42,8 @@ class ActNorm(nn.Module):
         sums = torch.stack([flat.sum(1), flat.pow(2).sum(1)])
         count = torch.tensor([float(flat.shape[1])], dtype=torch.float64, device=x.device)
         packed = torch.cat([sums.flatten(), count])
+        # Pooled over ranks (taming: the local batch): DDP broadcast the parameters before this init, so
+        # only the pooled statistics start every rank from the same D.
         if _world() > 1:
             dist.all_reduce(packed)
         total, total_sq, n = packed[: flat.shape[0]], packed[flat.shape[0] : -1], packed[-1]

@@ -1,22 +1,8 @@
 """GAN losses for the VQ-GAN, after taming-transformers.
 
-From CompVis/taming-transformers `taming/modules/losses/vqperceptual.py`: hinge_d_loss,
-vanilla_d_loss, calculate_adaptive_weight (here `adaptive_generator_weight`) and adopt_weight
-(here `disc_factor`).
-
-Changed from taming, and why:
-- `disc_factor` counts the discriminator's start in images seen, not optimizer steps: every
-  duration in this project is in images, so a start survives batch-size and world-size changes.
-- The generator loss follows the D loss kind: hinge -> -mean(logits_fake) (taming's, used by it for
-  both kinds); vanilla -> mean(softplus(-logits_fake)), the non-saturating loss that matches
-  vanilla_d_loss.
-- The adaptive weight is always finite: a non-finite gradient norm gives 0 (taming would pass a
-  NaN on to the loss), and so does a generator gradient of exactly zero (taming: norm/eps, which
-  scales a loss that moves nothing by 1e4 and spikes the logged total). The reason comes back
-  with the weight for the log. No graph (evaluation, no_grad) gives 0 too, where taming catches the
-  RuntimeError. The `disc_weight` multiplier of taming is left to the caller.
-- `feature_matching_loss` is new (pix2pixHD's): L1 between D's intermediate activations on real
-  and fake images, averaged over layers.
+From CompVis/taming-transformers `taming/modules/losses/vqperceptual.py`: hinge_d_loss, vanilla_d_loss,
+calculate_adaptive_weight (here `adaptive_generator_weight`) and adopt_weight (here `disc_factor`).
+Design notes (what is changed from taming, and why): docs/vqgan.md.
 """
 
 from __future__ import annotations

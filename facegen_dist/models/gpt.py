@@ -1,32 +1,7 @@
 """CodeGPT: a decoder-only transformer prior over VQ code indices (the second stage of VQ-GAN).
 
-The model follows nanoGPT's `model.py`: token + learned position embeddings, pre-LN blocks
-(causal self-attention through `F.scaled_dot_product_attention`, then a 4x GELU MLP), a final
-LayerNorm and a linear head to `num_codes` logits; weights drawn from N(0, 0.02), the residual
-output projections from N(0, 0.02 / sqrt(2 * n_layer)).
-
-Every sequence starts with one conditioning token, as taming-transformers' sos / class token:
-a learned start vector when unconditional (num_classes == 0), else the embedding of the class
-id. The transformer input for codes [B, T] is [cond, codes[:, 0], ..., codes[:, T-2]] at
-positions 0..T-1, so logits[:, t] predicts codes[:, t] from the cond token and codes[:, :t];
-the first code, too, is predicted (from the cond token alone). Grids [B, H, W] are flattened in
-raster order (`flatten_codes`); `sample` returns [num, seq_len], reshape it to the grid.
-
-Sampling draws one code per step with `draw_codes` (pixelcnn.py): Gumbel-max with uniforms
-[num, num_codes] drawn on the CPU from the caller's generator, one draw per step in the same
-order whatever the path; top-k, then top-p (nucleus) on the tempered fp32 scores.
-
-Why the KV-cache path (`use_cache=True`) draws the uncached reference's codes: with causal
-attention, the keys and values at position s depend only on the inputs at positions <= s, and
-those never change once drawn. The reference runs the full forward on the whole prefix at
-every step and reads the last position; the cached path feeds only the newest input token,
-appends its key and value to each layer's cache and lets its single query attend to every
-cached key (no mask needed: they are all in its past). Both compute the same function of the
-same inputs; only float rounding differs (other matrix shapes), which would have to flip an
-argmax of Gumbel-perturbed scores or a top-k/top-p boundary to change a code. Both paths
-consume the generator identically, so they see the same uniforms. Dropout is switched off
-while sampling (the model is put in eval mode for the call), since dropout's randomness is
-not drawn from the generator.
+After nanoGPT's `model.py`, with one conditioning token in front (taming's sos / class token) and a
+KV-cache sampler that draws exactly the uncached reference's codes. Design notes: docs/vqgan.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """IntroVAE's networks (Huang et al. 2018): the VAE of the AE-vs-VAE study, split in two modules.
 
-IntroVAE trains the encoder and the decoder with separate optimizers (the encoder doubles as
-the discriminator), so they are two modules here. Their layers are those of
-`models/autoencoder.py` (conv 4x4 stride 2 + BatchNorm + LeakyReLU, dense heads, the mirror
-decoder with a sigmoid); the paper's residual blocks are not used, so the baseline differs
-from the VAE it is compared with only in how it is trained.
+Two modules because IntroVAE trains the encoder and the decoder with separate optimizers (the encoder
+doubles as the discriminator). Their layers are `models/autoencoder.py`'s, not the paper's residual
+blocks, so the baseline differs from the VAE it is compared with only in how it is trained.
 """
 
 from __future__ import annotations

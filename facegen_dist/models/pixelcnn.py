@@ -1,40 +1,8 @@
 """Gated PixelCNN prior over discrete VQ codes, with an exact fast sampler.
 
-The model of van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders":
-codes [B, H, W] are embedded, then go through one gated layer of mask type 'A' (the current
-code is hidden) and num_layers - 1 of type 'B'. Every layer has two streams, so there is no
-blind spot:
-
-  * the vertical stack, a (p+1, k) conv with p = k // 2. Its output at row i depends on code
-    rows < i only: layer A masks the bottom kernel row (row i of the codes), and later layers
-    look at rows i-p..i of a vertical stream that already is row-causal;
-  * the horizontal stack, a (1, p+1) conv over the current row: columns j-p..j-1 in layer A,
-    j-p..j in layers B (of a stream that never saw code (i, j)), plus a 1x1 link from the
-    vertical stack's row i, so (i, j) sees every code above it, left and right.
-
-Each stream is gated, tanh(a) * sigmoid(b); the horizontal one has a 1x1 conv and a residual
-(not in layer A, whose input holds the current code). Head: ReLU, 1x1, ReLU, 1x1 to logits.
-With cond_codes > 0 the model is conditioned on a coarser code grid (VQ-VAE-2's bottom prior
-on the top codes): embedded, two 3x3 convs (non-causal: it is fully observed), nearest
-upsampled by cond_scale, and a 1x1 per layer adds a bias before both gates.
-
-Why the fast sampler (`sample(..., fast=True)`) gives the naive loop's codes:
-
-  * the conditioning features do not depend on the codes: computed once per call;
-  * the vertical stack at row i is final once the rows above are drawn. It is computed once per
-    row, layer by layer, from the last p+1 rows of that layer's input kept in a small window.
-    The window starts as zeros, which is exactly the zero padding the full conv sees above the grid;
-  * per position (i, j), each layer's horizontal stack is computed at column j only: it reads
-    columns j-p..j of its input, whose columns < j were computed at earlier positions of the row
-    and kept, and whose column j comes from the layer below at this very position (it never
-    depends on code (i, j)). The kept rows start with p zero columns: the full conv's left padding.
-    The head then runs on that single column.
-
-So every logit is the same function of the same inputs as in a full forward; only float
-rounding may differ (other shapes, and the one-column step uses matrix products instead of
-convs), which would have to flip an argmax to matter. Both samplers draw the same uniforms
-in the same raster order (see `draw_codes`). Per image, the fast path costs about one full
-forward (the vertical convs, row by row) plus H*W one-column steps; the naive path H*W forwards.
+van den Oord et al. 2016: vertical and horizontal stacks, so no blind spot; optionally conditioned on a
+coarser code grid (VQ-VAE-2's bottom prior). Design notes (the two stacks, why the fast sampler draws the
+naive loop's codes): docs/vqvae.md.
 """
 
 from __future__ import annotations

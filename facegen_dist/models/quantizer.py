@@ -1,20 +1,8 @@
 """Vector quantizer shared by every VQ model (VQ-VAE, VQ-VAE2, VQ-GAN).
 
-Straight-through estimator, commitment loss beta * ||z - sg[e]||^2, and two codebook update
-rules: `loss` (the codebook is learnt by ||sg[z] - e||^2, van den Oord et al. 2017) and `ema`
-(exponential moving averages of assignment counts and sums, Razavi et al. 2019). Options:
-k-means initialisation on the first training batch, dead-code restart, l2-normalised codes.
-
-Why not `vector-quantize-pytorch` (weighed, see docs/choices.md): its loss-based mode
-trains codebook and encoder with one shared weight (the paper has 1 and beta), it defaults to
-the rotation trick, and its distributed dead-code sampling broadcasts asynchronously. Here
-every cross-rank decision is made on all-reduced or all-gathered tensors with the same
-arithmetic on every rank, so codebooks are identical on every rank *by construction*, and
-the counters the dashboards need (restarts, steps since a code was used) are ours.
-
-Cross-rank sync uses torch.distributed directly, like nn.SyncBatchNorm: it is a property of
-the layer, not of the launcher. Collectives run only in training mode, so evaluation on one
-rank never waits on the others.
+Straight-through estimator, commitment loss beta * ||z - sg[e]||^2, and two codebook update rules: `loss`
+(||sg[z] - e||^2, van den Oord et al. 2017) and `ema` (Razavi et al. 2019); k-means init, dead-code
+restart, l2-normalised codes. Codebooks are identical on every rank by construction (why ours: docs/choices.md).
 """
 
 from __future__ import annotations
@@ -23,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+# torch.distributed directly, like nn.SyncBatchNorm: the sync is a property of the layer, not of the launcher.
 
 
 def _world() -> int:
@@ -144,7 +134,7 @@ class VectorQuantizer(nn.Module):
         if self.update == "loss":
             loss = loss + F.mse_loss(quantized, latents.detach())
         counts = torch.bincount(indices, minlength=self.num_codes).float()
-        if self.training:
+        if self.training:  # collectives in training mode only: evaluation on one rank never waits on the others
             # One slot more for "this rank saw a NaN/inf latent": the loop will skip the step, and the
             # codebook must not learn from it either (it would carry the NaN to every rank for good).
             non_finite = (~torch.isfinite(flat).all()).float().reshape(1)

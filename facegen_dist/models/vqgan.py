@@ -1,24 +1,8 @@
 """VQ-GAN autoencoder (Esser et al. 2021), after taming-transformers.
 
-The encoder and decoder follow CompVis/taming-transformers
-`taming/modules/diffusionmodules/model.py` (Encoder, Decoder, ResnetBlock, AttnBlock, Downsample,
-Upsample) and `taming/models/vqgan.py` (VQModel: quant_conv / post_quant_conv around the
-quantizer). Module names match taming's, so a taming VQModel state dict maps onto this one apart
-from the quantizer (`quantize.embedding.weight` -> `quantize.codebook`, plus our EMA buffers).
-
-Changed from taming, and why:
-- The quantizer is ours (`models/quantizer.py`: fp32 distances, EMA, rank-synced codebooks), not
-  taming's VectorQuantizer2; the model exposes the VQVAE interface (one level, "bottom") so code
-  extraction, sampling and the priors work unchanged.
-- Images come in and go out in [0, 1]; the network works on [-1, 1] inside.
-- GroupNorm uses the largest group count <= 32 that divides the channels (taming: always 32), so
-  tiny test widths (8, 16 channels) build; for widths divisible by 32 it is taming's norm.
-- Attention uses `F.scaled_dot_product_attention` (same single-head maths, scale C^-1/2) instead of
-  bmm + softmax: on GPUs it runs fused kernels that never hold the HW x HW matrix.
-- No timestep embedding (taming builds none for the VQ-GAN either: temb_ch=0) and resampling is
-  always with a conv (taming's `resamp_with_conv=True`).
-- Activation checkpointing of the res/attn blocks is applied from outside
-  (train.activation_checkpointing, facegen_dist/train/activation_checkpointing.py).
+Encoder and decoder follow CompVis/taming-transformers (`taming/modules/diffusionmodules/model.py`,
+`taming/models/vqgan.py`) with taming's module names, so its state dicts map onto this one apart from the
+quantizer. Design notes (what is changed from taming, and why): docs/vqgan.md.
 """
 
 from __future__ import annotations
@@ -37,6 +21,7 @@ def group_count(channels: int, most: int = 32) -> int:
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
+    # taming: always 32 groups; the largest divisor <= 32 lets tiny test widths build (taming's norm when 32 divides).
     return nn.GroupNorm(group_count(channels), channels, eps=1e-6, affine=True)
 
 
@@ -81,6 +66,7 @@ class AttnBlock(nn.Module):
         q, k, v = (
             conv(h).reshape(batch, 1, channels, height * width).transpose(2, 3) for conv in (self.q, self.k, self.v)
         )
+        # taming's bmm + softmax maths (scale C^-1/2); fused GPU kernels never hold the HW x HW matrix
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         h = h.transpose(2, 3).reshape(batch, channels, height, width)
         return x + self.proj_out(h)

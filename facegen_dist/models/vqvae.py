@@ -1,11 +1,8 @@
 """VQ-VAE (one latent grid) and VQ-VAE2 (top and bottom grids), after Razavi et al. 2019.
 
-The layout follows rosinality/vq-vae-2-pytorch: strided-conv encoders with residual blocks,
-a bottom encoder at 1/`downsample` of the image, a top encoder another 2x down, the top
-codes decoded and concatenated to the bottom features before the bottom quantizer, and one
-decoder fed the upsampled top codes beside the bottom codes. The downsampling is a config
-value, so the grids follow the resolution (e.g. 32x32 top / 64x64 bottom at 256 px with
-downsample=4). Images are in [0, 1]; the network works on [-1, 1].
+The layout of rosinality/vq-vae-2-pytorch (docs/vqvae.md). The downsampling is a config value, so the
+grids follow the resolution (e.g. 32x32 top / 64x64 bottom at 256 px with downsample=4). Images are in
+[0, 1]; the network works on [-1, 1].
 """
 
 from __future__ import annotations

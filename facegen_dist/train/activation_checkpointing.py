@@ -1,11 +1,8 @@
 """Activation checkpointing, applied from outside the model (models stay plain torch).
 
-`train.activation_checkpointing: true` wraps every block of the types the Method names
-(`Method.checkpoint_blocks`) so that its activations are dropped after the forward pass and
-recomputed in the backward pass: less memory for about one extra forward. We use torch's own
-wrapper (the one torchtitan and FSDP use) in its non-reentrant form, which works under DDP and
-DeepSpeed and with `torch.autograd.grad` (the VQ-GAN's adaptive weight). The wrapper strips its
-prefix from state_dict keys, so checkpoints read the same with or without it.
+`train.activation_checkpointing: true` wraps every block of the types the Method names (`Method.checkpoint_blocks`):
+its activations are dropped after the forward pass and recomputed in the backward pass, less memory for about
+one extra forward.
 """
 
 from __future__ import annotations
@@ -35,6 +32,9 @@ def checkpoint_blocks(modules: dict[str, nn.Module], block_types: tuple[type[nn.
         count += hit
         return hit
 
+    # torch's own wrapper (the one torchtitan and FSDP use), non-reentrant: it works under DDP and DeepSpeed and with
+    # torch.autograd.grad (the VQ-GAN's adaptive weight), and strips its prefix from state_dict keys, so checkpoints
+    # read the same with or without it.
     for module in modules.values():
         apply_activation_checkpointing(
             module,

@@ -1,12 +1,7 @@
 """Atomic checkpoints that prove themselves: written to a temp folder, listed in a manifest, renamed into place.
 
-`accelerator.save_state` writes modules, optimizers, grad scaler and each rank's RNG states (DDP
-and DeepSpeed alike) into `.tmp-ckpt-N/`. Rank 0 adds the EMA weights as `ema_<module>.safetensors`
-(not accelerate's pickled custom state: reading a run folder must never run code), full weights
-under DeepSpeed, `trainer_state.json`, and last `manifest.json` (every file's size and sha256),
-then renames the folder to `ckpt-N/`. On start, checkpoints are checked newest first against
-their manifest (`facegen_dist.checkpoints`, the read side); old ones are renamed away before they are deleted, so an
-interrupted deletion never leaves a folder that counts.
+How: `save_checkpoint`. On start, checkpoints are checked newest first against their manifest
+(`facegen_dist.checkpoints`, the read side).
 """
 
 from __future__ import annotations
@@ -47,6 +42,7 @@ def assert_finite(modules: dict[str, torch.nn.Module]) -> None:
 
 
 def save_ema(folder: Path, emas: dict) -> None:
+    """Not accelerate's pickled custom state: reading a run folder must never run code."""
     for name, ema in emas.items():
         # clone: safetensors refuses tensors that share storage; the EMA's own counters are tensors too
         save_file(
@@ -97,7 +93,13 @@ def save_checkpoint(
     emas: dict,
     per_rank: dict[str, dict] | None = None,
 ) -> Path:
-    """Write a checkpoint for `trainer_state['images_seen']`; every rank must call this. `per_rank`: JSON files each rank writes."""
+    """Write a checkpoint for `trainer_state['images_seen']`; every rank must call this. `per_rank`: JSON files each rank writes.
+
+    `accelerator.save_state` writes modules, optimizers, grad scaler and each rank's RNG states (DDP and
+    DeepSpeed alike) into `.tmp-ckpt-N/`. Rank 0 adds the EMA weights as `ema_<module>.safetensors`, full
+    weights under DeepSpeed, `trainer_state.json`, and last `manifest.json` (every file's size and sha256),
+    then renames the folder to `ckpt-N/`; old ones are renamed away before they are deleted.
+    """
     assert_finite(modules)
     name = checkpoint_name(trainer_state["images_seen"])
     tmp, final = root / f".tmp-{name}", root / name

@@ -1,9 +1,8 @@
 """The one training loop: any Method, any number of processes, counted in images.
 
-Accelerate owns devices, DDP/DeepSpeed wrapping, mixed precision and the grad scaler. The
-loop owns the rest: phases with their optimizers, gradient accumulation, clipping, skipping
-non-finite steps on every rank at once, EMA, the image-based schedule, logging, grids and
-atomic checkpoints that resume bit-for-bit.
+Accelerate owns devices, DDP/DeepSpeed wrapping, mixed precision and the grad scaler. The loop owns the rest:
+phases with their optimizers, gradient accumulation, clipping, skipping non-finite steps on every rank at once,
+EMA, the image-based schedule, logging, grids and atomic checkpoints that resume bit-for-bit.
 """
 
 from __future__ import annotations

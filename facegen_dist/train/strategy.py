@@ -1,25 +1,8 @@
 """The distributed strategy `accelerate launch` chose, and what it changes for the training loop.
 
-`accelerate launch --config_file configs/accelerate/<name>.yaml train.py ...` picks the
-strategy (DDP, DeepSpeed ZeRO-1/2/3, FSDP); the run config still decides batch size,
-gradient accumulation, clipping and precision. This module is the one place that knows the
-differences, so the loop stays one loop:
-
-- DeepSpeed owns the optimizer step: `accelerator.backward` runs `engine.step()` at the
-  accumulation boundary, clips by its own config and divides the loss by its own accumulation
-  count. We write batch size, accumulation and clipping into DeepSpeed's config from the run
-  config before `prepare`, so both agree.
-- DeepSpeed in accelerate takes one model and one optimizer per plugin. Methods with several
-  optimizers (the GANs, IntroVAE, the two VQ-VAE2 priors) are refused at start-up with one
-  line: accelerate's multi-plugin DeepSpeed is marked experimental, and these models are small
-  enough (≤ ~100 M parameters) that optimizer-state sharding saves little next to activation
-  memory; they run under DDP (+ activation checkpointing, bf16) or FSDP instead.
-- Mixed precision under DeepSpeed: accelerate turns on DeepSpeed's "bf16" mode, which casts the
-  parameters (not the buffers) to bf16 and leaves autocast off. BatchNorm then meets bf16
-  weights and fp32 running statistics (an error on CPU), and EMA copies, quantizer codebooks and
-  checkpoints would see bf16 weights. We switch to DeepSpeed's "torch_autocast" mode instead:
-  fp32 parameters and optimizer states, bf16 compute under torch.autocast, the same numerics as
-  our DDP bf16 runs. The loss outside the engine is autocast by us, as accelerate does for DDP.
+`accelerate launch --config_file configs/accelerate/<name>.yaml train.py ...` picks the strategy (DDP,
+DeepSpeed ZeRO-1/2/3, FSDP); the run config still decides batch size, gradient accumulation, clipping and
+precision. This module is the one place that knows the differences, so the loop stays one loop.
 """
 
 from __future__ import annotations
@@ -70,15 +53,15 @@ def build_accelerator(cfg) -> Accelerator:
         backend, mixed_precision=None if cfg.train.precision == "auto" else cfg.train.precision
     )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not is_deepspeed(accelerator):
-        # accelerate drops DeepSpeed silently when ACCELERATE_USE_CPU=true is set as well (seen with 1.15).
+        # accelerate (1.15) drops DeepSpeed silently when ACCELERATE_USE_CPU=true is set as well.
         raise ConfigError(
             "the accelerate config asks for DeepSpeed but accelerate set up "
             f"{accelerator.distributed_type.value.lower()} (ACCELERATE_USE_CPU=true drops DeepSpeed): unset ACCELERATE_USE_CPU"
         )
     launched = int(os.environ.get("WORLD_SIZE") or accelerator.num_processes)  # what torchrun/accelerate launch started
     if launched != accelerator.num_processes or (launched > 1 and accelerator.distributed_type == DistributedType.NO):
-        # Seen with configs/accelerate/fsdp.yaml on a machine without a GPU: the launcher starts the
-        # processes, accelerate sets up no process group, and each would train its own model into the same folder.
+        # E.g. fsdp.yaml without a GPU: accelerate sets up no process group for the processes the launcher
+        # started, and each would train its own model into the same folder.
         raise ConfigError(
             f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} with no distributed strategy "
             f"(accelerate's FSDP needs GPUs): use configs/accelerate/ddp.yaml or a ds_zero*.yaml config here"
@@ -113,6 +96,9 @@ def check_supported(accelerator: Accelerator, method, model_name: str) -> None:
     if not is_deepspeed(accelerator):
         return
     phases = method.phases()
+    # accelerate's DeepSpeed takes one model and one optimizer per plugin, and its multi-plugin mode is
+    # experimental. These models (<= ~100 M parameters) save little by sharding optimizer states next to their
+    # activation memory: they run under DDP (+ activation checkpointing, bf16) or FSDP instead.
     if len(phases) > 1 or len(phases[0].modules) > 1:
         raise ConfigError(
             f"model.name={model_name}: {len(phases)} optimizers ({', '.join(p.name for p in phases)}); DeepSpeed through accelerate "
@@ -121,7 +107,11 @@ def check_supported(accelerator: Accelerator, method, model_name: str) -> None:
 
 
 def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
-    """Write the run config's batch, accumulation and clipping into DeepSpeed's config before prepare()."""
+    """Write the run config's batch, accumulation and clipping into DeepSpeed's config before prepare().
+
+    DeepSpeed owns the optimizer step: `accelerator.backward` runs `engine.step()` at the accumulation
+    boundary, clips by its own config and divides the loss by its own accumulation count, so both must agree.
+    """
     if not is_deepspeed(accelerator):
         return
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -133,7 +123,10 @@ def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
         (dtype for dtype in ("bf16", "fp16") if str(ds_config.get(dtype, {}).get("enabled", False)).lower() == "true"),
         None,
     )
-    if low_precision:  # see the module docstring
+    # DeepSpeed's "bf16" mode (accelerate's choice) casts parameters, not buffers: BatchNorm then meets bf16
+    # weights and fp32 running statistics (an error on CPU), and EMA copies, codebooks and checkpoints would be
+    # bf16. torch_autocast keeps fp32 parameters and optimizer states with bf16 compute, as our DDP bf16 runs.
+    if low_precision:
         ds_config[low_precision] = {"enabled": False}
         ds_config["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[low_precision]}
     # checkpoints carry whole weights for sampling (checkpoint.py)
@@ -215,7 +208,8 @@ def mixed_precision(accelerator: Accelerator) -> str:
 
 
 def autocast(accelerator: Accelerator):
-    """The forward pass's autocast: accelerate's, or under DeepSpeed our own (see module docstring)."""
+    """The forward pass's autocast: accelerate's, or under DeepSpeed's torch_autocast mode our own (the loss
+    is computed outside the engine, so we autocast it as accelerate does for DDP; see configure_deepspeed)."""
     precision = mixed_precision(accelerator)
     if is_deepspeed(accelerator) and precision != "no":
         return torch.autocast(
@@ -263,7 +257,7 @@ def clip_and_step(
 
     The norm of all-reduced gradients is the same on every rank, so every rank decides alike (no extra sync)."""
     grad_norm = accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    if is_deepspeed(accelerator):  # the engine stepped already, skipping a non-finite step itself (tested)
+    if is_deepspeed(accelerator):  # the engine stepped already, skipping a non-finite step itself
         grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
         return bool(torch.isfinite(grad_norm)) and not optimizer.step_was_skipped, grad_norm
     finite = bool(torch.isfinite(grad_norm))
