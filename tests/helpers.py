@@ -252,7 +252,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def train_in_process(tiny_shards, run_dir, total_images: int, *extra: str) -> dict:
+def train_in_process(tiny_shards, run_dir, total_images: int, *extra: str, model: list[str] = TINY) -> dict:
     """A tiny VAE trained by the Trainer in this process (use with the in_process_accelerator fixture)."""
     from facegen_dist.config import load_config
     from facegen_dist.train.loop import run
@@ -260,7 +260,7 @@ def train_in_process(tiny_shards, run_dir, total_images: int, *extra: str) -> di
     cfg = load_config(
         [],
         [
-            *TINY,
+            *model,
             f"data.path={tiny_shards}",
             f"run.dir={run_dir.parent}",
             f"run.name={run_dir.name}",
@@ -273,3 +273,26 @@ def train_in_process(tiny_shards, run_dir, total_images: int, *extra: str) -> di
         ],
     )
     return run(cfg)
+
+
+def wandb_records(run_file: Path):
+    """The protobuf records of an offline W&B run file (run-<id>.wandb): its LevelDB-style log, read here because
+    wandb 0.31 ships no reader (32 KiB blocks; each chunk: crc32, length, type FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    position, block, pending = 7, 32768, b""
+    while position + 7 <= len(data):
+        room = block - position % block
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            position += room
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record

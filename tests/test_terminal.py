@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import train_in_process
+from helpers import COMMON, train_in_process, wandb_records
 
 from facegen_dist.log.logger import headline_figures
+
+CONSTANT_LR = ["optim.warmup_images=0", "optim.schedule=constant"]
 
 
 def test_headline_figures_name_each_phase_main_loss_and_one_throughput():
@@ -56,3 +58,33 @@ def test_an_offline_wandb_run_ends_with_the_command_that_uploads_it(
     sync_dir = last.split("wandb sync ", 1)[1]
     assert (tmp_path / "dash") in Path(sync_dir).parents
     assert any(p.suffix == ".wandb" for p in Path(sync_dir).iterdir())
+
+
+def test_the_wandb_dashboard_plots_against_images_seen_grouped_and_tagged(
+    tiny_shards, tmp_path, in_process_accelerator
+):
+    train_in_process(tiny_shards, tmp_path / "dash", 32, "log.wandb=offline")
+    (run_file,) = (tmp_path / "dash" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(run_file))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.run_group == "vae" and list(run.tags) == ["vae", tiny_shards.name, "32px"]
+    metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "*" and m.step_metric == "images_seen" for m in metrics)
+    history = [
+        {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
+    assert [json.loads(row["images_seen"]) for row in history] == [16, 32]
+    assert all("loss" in row for row in history) and "samples/path" in history[-1]  # the final grids, at 32 images
+
+
+def test_a_two_phase_run_shows_and_logs_each_phase(tiny_shards, tmp_path, in_process_accelerator, capfd):
+    dcgan = [*COMMON, "model.name=dcgan", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8"]
+    train_in_process(
+        tiny_shards, tmp_path / "gan", 16, "log.progress=true", "model.disc_lr=1e-4", *CONSTANT_LR, model=dcgan
+    )
+    (row,) = [json.loads(line) for line in (tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()]
+    assert row["lr/discriminator"] == 1e-4 and row["lr/generator"] == 1e-3  # model.disc_lr; optim.lr (default)
+    (line,) = [line for line in capfd.readouterr().err.splitlines() if line.startswith("gan: ")]
+    assert "discriminator/d_loss " in line and " generator " in line and " img/s " in line

@@ -38,6 +38,13 @@ def headline_figures(row: dict) -> dict[str, float]:
     return figures
 
 
+def dashboard_labels(config: dict) -> dict:
+    """W&B group (the method) and tags (method, data set, resolution), to filter and compare runs on a dashboard."""
+    model, data = config.get("model", {}).get("name", "?"), config.get("data", {})
+    data_name = str(data.get("path", "?")).rstrip("/").rsplit("/", 1)[-1]
+    return {"group": model, "tags": [model, data_name, f"{data.get('resolution', '?')}px"]}
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -49,7 +56,7 @@ class NullLogger:
     wandb_sync_dir = None
 
     def log(self, row: dict) -> None: ...
-    def log_images(self, images: dict[str, str], step: int) -> None: ...
+    def log_images(self, images: dict[str, str], step: int, images_seen: int) -> None: ...
     def advance(self, images: int) -> None: ...
     def write(self, message: str) -> None: ...
     def close(self) -> None: ...
@@ -122,7 +129,11 @@ class RunLogger(NullLogger):
             dir=str(self.run_dir),
             mode=mode,
             config=config,
+            **dashboard_labels(config),
         )
+        # Images seen is the project's unit of training (schedules, budgets, resumes): the x-axis of every chart.
+        self._wandb.define_metric("images_seen")
+        self._wandb.define_metric("*", step_metric="images_seen")
         self.wandb_sync_dir = self._wandb.settings.sync_dir if mode == "offline" else None
 
     def log(self, row: dict) -> None:
@@ -143,11 +154,12 @@ class RunLogger(NullLogger):
         shown = " ".join(f"{k} {v}" for k, v in figures.items())
         return f"{self.run_dir.name}: {seen}/{self.total_images} img ({100 * seen / max(self.total_images, 1):.0f}%) step {row['step']} | {shown}{eta}"
 
-    def log_images(self, images: dict[str, str], step: int) -> None:
+    def log_images(self, images: dict[str, str], step: int, images_seen: int) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({name: wandb.Image(path) for name, path in images.items()}, step=step)
+            logged = {name: wandb.Image(path) for name, path in images.items()}
+            self._wandb.log({**logged, "images_seen": images_seen}, step=step)
 
     def advance(self, images: int) -> None:
         self.bar.update(images)

@@ -453,6 +453,11 @@ class Trainer:
             "world_size": acc.num_processes,
             "img_per_s": interval_images / max(interval_seconds, 1e-9),
             "lr": self.optimizers[self.phases[0].name].param_groups[0]["lr"],
+            **(
+                {f"lr/{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()}
+                if len(self.optimizers) > 1
+                else {}
+            ),
             **stats,
             **evaluated,
             "skipped_steps": self.state.skipped_steps,
@@ -602,7 +607,7 @@ class Trainer:
                     )
                     interval_start, interval_images, interval_wait = time.perf_counter(), 0, 0.0
                 if acc.is_main_process and (_crossed(seen, per_step, cfg.train.sample_every_images) or final):
-                    self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), step=state.step)
+                    self.logger.log_images(self._save_grids(val_images, f"{seen:09d}"), state.step, seen)
                 # Not while non-finite steps are running: a dead stretch must not rotate good checkpoints out.
                 due = _crossed(seen, per_step, cfg.train.ckpt_every_images) and self._skip_streak == 0
                 checkpoint = self._checkpoint() if due or final else None
@@ -623,7 +628,7 @@ class Trainer:
         if acc.is_main_process:
             if val_images is not None:
                 written = self._save_grids(val_images, "final")
-                self.logger.log_images(written, step=self.state.step)
+                self.logger.log_images(written, self.state.step, self.state.images_seen)
             summary = {
                 "run": self.cfg.run.name,
                 "images_seen": self.state.images_seen,
