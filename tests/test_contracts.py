@@ -167,6 +167,19 @@ def test_the_trainer_in_process_trains_checkpoints_and_resumes_exactly(tiny_shar
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
 
 
+def test_checkpoint_files_are_readable_by_the_group_as_the_umask_allows(tiny_shards, tmp_path, in_process_accelerator):
+    import os
+    import stat
+
+    train_in_process(tiny_shards, tmp_path / "shared", 32)
+    umask = os.umask(0)
+    os.umask(umask)  # read, then put back: the process's umask is what the files should follow
+    (checkpoint,) = (tmp_path / "shared" / "checkpoints").iterdir()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in checkpoint.iterdir()}
+    assert "model.safetensors" in modes and "ema_autoencoder.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
 def test_the_readme_python_snippet_runs_on_a_trained_run(tiny_shards, tmp_path, in_process_accelerator):
     """The README's "From Python" block, run as written on a run folder trained here (its path swapped in)."""
     import re

@@ -84,6 +84,15 @@ def rank_file(name: str, rank: int) -> str:
     return f"{name}_{rank}.json"
 
 
+def share_readably(folder: Path) -> None:
+    """Files as the umask allows (0644 usually): safetensors writes 0600, which a group on a shared cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and path.stat().st_uid == os.getuid():  # another rank's user's files stay as they are
+            path.chmod(0o666 & ~umask)
+
+
 def save_checkpoint(
     accelerator,
     root: Path,
@@ -123,6 +132,7 @@ def save_checkpoint(
                 )
             save_ema(tmp, emas)
             _write_json_synced(tmp / STATE_FILE, {**trainer_state, "checkpoint_format": FORMAT})
+            share_readably(tmp)
             write_manifest(tmp, trainer_state["images_seen"])
     except Exception as error:  # noqa: BLE001 — torch, safetensors and json each report a full disk their own way
         if _no_space(error):
