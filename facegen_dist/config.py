@@ -187,9 +187,13 @@ def load_run_config(config_path: str | Path, overrides: list[str] | None = None)
 
 
 def load_config(
-    config_files: list[str] | None = None, overrides: list[str] | None = None, from_run_folder: bool = False
+    config_files: list[str] | None = None,
+    overrides: list[str] | None = None,
+    from_run_folder: bool = False,
+    check_data: bool = True,
 ) -> DictConfig:
-    """Schema defaults <- each YAML file in order <- dotted overrides; validated."""
+    """Schema defaults <- each YAML file in order <- dotted overrides; validated (the shards' presence too,
+    unless check_data=False: printing a config needs no data)."""
     merged = OmegaConf.structured(Config)
     OmegaConf.set_struct(merged, True)
     OmegaConf.set_struct(merged.model, False)  # checked against the method's own schema below
@@ -216,7 +220,7 @@ def load_config(
     )
     # `train.precision=no`
     merged.train.precision = {"False": "no", "false": "no"}.get(merged.train.precision, merged.train.precision)
-    _validate(merged)
+    _validate(merged, check_data)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -243,7 +247,7 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _validate(cfg: DictConfig) -> None:
+def _validate(cfg: DictConfig, check_data: bool = True) -> None:
     train, data, optim = cfg.train, cfg.data, cfg.optim
     _require(
         train.precision in ("auto", "no", "fp16", "bf16"),
@@ -297,12 +301,23 @@ def _validate(cfg: DictConfig) -> None:
         _require(
             data.make_num >= 2 and data.make_size >= 8, "data.make_num/make_size: too small for an embedded dataset"
         )
-    else:
+    elif check_data:
         manifest = Path(data.path) / "manifest.json"
         _require(
             manifest.is_file(),
-            f"data.path: no shards at '{data.path}' (no manifest.json there); make some with `facegen data avatars --out DIR` or use data.path=embedded:avatars",
+            f"data.path: no shards at '{data.path}' (no manifest.json there); make them with "
+            f"{_shard_command(data.path, data.resolution)} or use data.path=embedded:avatars",
         )
+
+
+def _shard_command(path: str, resolution: int) -> str:
+    """The `facegen data` line that makes the shards a config's data.path names (by the name of its folder)."""
+    name = Path(path).name.lower()
+    if "ffhq" in name:
+        return f"`facegen data ffhq --src <FFHQ images1024x1024/ or its zip> --size {resolution} --out {path}`"
+    if "cartoon" in name:
+        return f"`facegen data cartoonset --src <cartoonset10k/ or .tgz> --size {resolution} --out {path}`"
+    return f"`facegen data folder --src <your images> --size {resolution} --out {path}` (or `facegen data avatars`)"
 
 
 def to_yaml(cfg: DictConfig) -> str:

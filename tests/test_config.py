@@ -2,7 +2,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TRAIN_PY
+import yaml
+from helpers import REPO, TRAIN_PY, run_facegen
 
 from facegen_dist.config import load_config
 from facegen_dist.errors import ConfigError
@@ -101,3 +102,27 @@ def test_old_vqgan_runs_checkpoint_blocks_key_still_loads(tmp_path, tiny_shards,
     old.write_text(f"data:\n  path: {tiny_shards}\nmodel:\n  name: vqgan\n  checkpoint_blocks: {str(value).lower()}\n")
     cfg = load_config([str(old)])
     assert cfg.train.activation_checkpointing is value and "checkpoint_blocks" not in cfg.model
+
+
+def test_print_config_shows_the_resolved_config_without_needing_the_data(tmp_path):
+
+    result = run_facegen(
+        tmp_path, "train", "--config", str(REPO / "configs" / "vqgan_ffhq256.yaml"), "--print-config", "optim.lr=0.5"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["data"]["path"] == "data/ffhq256" and printed["optim"]["lr"] == 0.5
+    assert printed["model"]["name"] == "vqgan" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "command"),
+    [
+        ("data/ffhq256", "facegen data ffhq"),
+        ("data/cartoonset256", "facegen data cartoonset"),
+        ("mine", "facegen data folder"),
+    ],
+)
+def test_missing_shards_name_the_command_that_makes_them(path, command):
+    with pytest.raises(ConfigError, match=f"no shards at '{path}'.*`{command} --src .* --out {path}`"):
+        load_config([], [f"data.path={path}"])

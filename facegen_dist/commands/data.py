@@ -77,8 +77,8 @@ def build_parser(subparsers):
     avatars.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     avatars.add_argument("--num", type=int, default=20000, help="number of images (train + val)")
     avatars.add_argument("--size", type=int, default=64, help="image side in pixels")
-    avatars.add_argument("--seed", type=int, default=0)
-    avatars.add_argument("--val-fraction", type=float, default=0.1)
+    avatars.add_argument("--seed", type=int, default=0, help="render seed: the same seed gives the same images")
+    avatars.add_argument("--val-fraction", type=float, default=0.1, help="share of the images in the val split")
     avatars.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     avatars.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
 

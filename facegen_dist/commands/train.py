@@ -19,15 +19,23 @@ def build_parser(subparsers):
         epilog="Example: accelerate launch train.py --config configs/vae_avatars64.yaml train.total_images=20000 run.name=x",
     )
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (defaults, files, overrides) and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.latent_dim=200")
     return parser
 
 
 def run(args) -> int:
-    from facegen_dist.config import load_config
+    from facegen_dist.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides, check_data=not args.print_config)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     from facegen_dist.train.loop import run as train
 
-    result = train(load_config(args.config, args.overrides))
+    result = train(cfg)
     if result.get("preempted") and is_main_rank():
         from facegen_dist.cluster.slurm import after_preemption
 
