@@ -12,7 +12,11 @@ def build_parser(subparsers):
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train on a shard set's attribute JSON; writes OUT.safetensors + OUT.json")
     train.add_argument("--data", required=True, help="shard folder with a manifest listing attributes")
-    train.add_argument("--out", required=True, help="output path without extension, e.g. runs/avatar-extractor (writes .safetensors + .json)")
+    train.add_argument(
+        "--out",
+        required=True,
+        help="output path without extension, e.g. runs/avatar-extractor (writes .safetensors + .json)",
+    )
     train.add_argument("--size", type=int, default=64, help="input size the network sees (images are resized)")
     train.add_argument("--images", type=int, default=80_000, help="training images in all")
     train.add_argument("--batch-size", type=int, default=64, help="per process")
