@@ -1,8 +1,8 @@
 """Weight files behind the perceptual losses, found and read here so that models/ reads no files.
 
 VGG16 (LPIPS) trunk, in order: the `weights` path (a torchvision vgg16 state dict), torch hub's cache
-(`<torch.hub.get_dir()>/checkpoints/vgg16-397923af.pth`), or a download only when allowed
-(`allow_download=True` or FACEGEN_ALLOW_DOWNLOAD=1); otherwise a one-line ConfigError says what to pass.
+(`<torch.hub.get_dir()>/checkpoints/vgg16-397923af.pth`), or a download, allowed by default as Inception's is
+(refused with FACEGEN_ALLOW_DOWNLOAD=0); without weights a one-line ConfigError says what to pass.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ BACKBONES = ("vgg16", "avatar", "tiny")
 def _allowed_online(allow_download: bool | None) -> bool:
     if allow_download is not None:
         return allow_download
-    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "1").lower() not in ("0", "false", "no")
 
 
 def vgg16_weights_path(weights: str = "", allow_download: bool | None = None) -> Path:
@@ -40,13 +40,19 @@ def vgg16_weights_path(weights: str = "", allow_download: bool | None = None) ->
     cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
     if cached.is_file():
         return cached
+    how = f"pass model.perceptual_weights=/path/to/{VGG16_FILE} (from {VGG16_URL}) or put it at {cached}"
     if not _allowed_online(allow_download):
         raise ConfigError(
-            f"model.perceptual_weights: no VGG16 weights given and none at {cached}; pass "
-            f"model.perceptual_weights=/path/to/{VGG16_FILE} or run once online with {ALLOW_DOWNLOAD_ENV}=1"
+            f"model.perceptual_weights: no VGG16 weights given and none at {cached}, and downloads are off "
+            f"({ALLOW_DOWNLOAD_ENV}=0); {how}"
         )
     cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(VGG16_URL, str(cached), hash_prefix=VGG16_HASH_PREFIX)
+    try:
+        torch.hub.download_url_to_file(VGG16_URL, str(cached), hash_prefix=VGG16_HASH_PREFIX)
+    except Exception as error:  # noqa: BLE001 — URLError, timeouts, HTTP errors, a bad hash: all mean "no weights"
+        raise ConfigError(
+            f"model.perceptual_weights: could not download VGG16 ({type(error).__name__}); {how}"
+        ) from None
     return cached
 
 
@@ -102,7 +108,7 @@ def perceptual_loss(backbone: str = "vgg16", weights: str = "", allow_download: 
     backbone: 'vgg16' (real LPIPS), 'avatar' (the shipped avatar network: avatars, offline) or 'tiny' (tests only).
     weights: a torchvision vgg16 state dict for 'vgg16' (see the module docstring for the search order);
     for 'avatar' another avatar extractor's .safetensors (default: the shipped one).
-    allow_download: None reads FACEGEN_ALLOW_DOWNLOAD; only then may the VGG16 trunk be downloaded.
+    allow_download: None reads FACEGEN_ALLOW_DOWNLOAD (default: the VGG16 trunk may be downloaded; 0 refuses).
     """
     if backbone == "vgg16":
         net = _lpips_vgg16(weights, allow_download)

@@ -292,9 +292,9 @@ def test_avatar_perceptual_loss_uses_the_shipped_network_and_ranks_blur_above_id
 
 @pytest.fixture
 def empty_hub(tmp_path, monkeypatch):
-    """An empty torch hub dir, no download permission, and any download attempt fails the test."""
+    """An empty torch hub dir, downloads refused (FACEGEN_ALLOW_DOWNLOAD=0), and any download attempt fails the test."""
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV, raising=False)
+    monkeypatch.setenv(ALLOW_DOWNLOAD_ENV, "0")
 
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
@@ -310,10 +310,27 @@ def test_vgg16_without_weights_is_a_one_line_config_error(empty_hub):
     message = str(error.value)
     assert "\n" not in message and message.startswith("model.perceptual_weights:")
     assert "model.perceptual_weights=/path/to/vgg16-397923af.pth" in message and str(empty_hub) in message
+    assert "downloads are off (FACEGEN_ALLOW_DOWNLOAD=0)" in message
     with pytest.raises(ConfigError, match="no file"):
         perceptual_loss("vgg16", weights=str(empty_hub / "missing.pth"))
     with pytest.raises(ConfigError, match="backbone"):
         perceptual_loss("alexnet")
+
+
+def test_vgg16_downloads_by_default_like_inception_and_a_failed_download_is_one_line(empty_hub, monkeypatch):
+    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV)
+    attempts = []
+
+    def offline(url, path, hash_prefix=None):
+        attempts.append((url, hash_prefix))
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ConfigError) as error:
+        vgg16_weights_path()
+    assert attempts == [("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af")]
+    assert str(error.value).startswith("model.perceptual_weights: could not download VGG16 (OSError)")
+    assert "\n" not in str(error.value)
 
 
 def test_vgg16_weights_are_looked_up_in_order(empty_hub, tmp_path):
