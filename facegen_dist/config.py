@@ -181,9 +181,9 @@ def _refuse_interpolations(tree: Any, path: str, prefix: str = "") -> None:
         _refuse_interpolations(value, path, f"{prefix}{key}.")
 
 
-def load_run_config(config_path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+def load_run_config(config_path: str | Path, overrides: list[str] | None = None, check_data: bool = True) -> DictConfig:
     """A run folder's config.yaml: no interpolation resolved, no plugin imported unless `overrides` names it."""
-    return load_config([str(config_path)], overrides, from_run_folder=True)
+    return load_config([str(config_path)], overrides, from_run_folder=True, check_data=check_data)
 
 
 def load_config(

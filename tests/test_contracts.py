@@ -186,9 +186,10 @@ def test_the_readme_python_snippet_runs_on_a_trained_run(tiny_shards, tmp_path, 
 
     train_in_process(tiny_shards, tmp_path / "vae_avatars64", 16)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"## From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
-    assert 'restore_run("runs/vae_avatars64")' in block
+    block = re.search(r"## From Python.*?\n```python\n(.*?)```", readme, re.S).group(1)
+    assert 'facegen_dist.load("runs/vae_avatars64")' in block
     scope: dict = {}
     exec(block.replace("runs/vae_avatars64", str(tmp_path / "vae_avatars64")), scope)  # noqa: S102
     assert scope["samples"].shape == (16, 3, 32, 32) and 0 <= scope["samples"].min() <= scope["samples"].max() <= 1
-    assert scope["reconstructions"].shape == scope["samples"].shape and scope["run"].images_seen == 16
+    assert scope["reconstructions"].shape == scope["samples"].shape and scope["model"].run.images_seen == 16
+    assert scope["latents"].shape == (16, 16)

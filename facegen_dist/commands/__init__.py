@@ -9,7 +9,20 @@ from __future__ import annotations
 import os
 
 # The order of `facegen --help`: training and launching first, then data, evaluation and analysis.
-NAMES = ("train", "submit", "launch", "data", "codes", "eval", "sample", "extractor", "latent", "report", "suite")
+NAMES = (
+    "train",
+    "submit",
+    "launch",
+    "data",
+    "codes",
+    "eval",
+    "sample",
+    "export",
+    "extractor",
+    "latent",
+    "report",
+    "suite",
+)
 
 
 def is_main_rank() -> bool:
