@@ -15,11 +15,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, load_model, save_file
 
-from facegen_dist import methods
 from facegen_dist.checkpoints import checkpoint_problem, latest_checkpoint, load_ema_state, read_trainer_state
 from facegen_dist.config import load_run_config
 from facegen_dist.errors import ConfigError, FacegenError
 from facegen_dist.methods import Method
+from facegen_dist.methods import build_method as registered_method  # the registry lookup, no upstream run
 
 CONFIG_FILE = "config.yaml"  # the merged config the run trained with
 CHECKPOINTS_DIR = "checkpoints"
@@ -43,7 +43,7 @@ class RestoredRun:
 
 def build_method(model_cfg, resolution: int) -> Method:
     """The method `model_cfg` names, ready to use: the finished run it builds on (a prior's VQ run), if any, handed in."""
-    method = methods.build_method(model_cfg, resolution)
+    method = registered_method(model_cfg, resolution)
     upstream = method.upstream_run()
     if upstream is not None:
         run_dir, checkpoint_name = upstream
