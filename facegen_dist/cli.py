@@ -124,8 +124,16 @@ def _run(name: str, args: argparse.Namespace) -> int:
         return 2
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """accelerate imports DeepSpeed, which warns "Setting accelerator to CPU" on every start of a machine without
+    an NVIDIA GPU, into the middle of the progress output; naming the CPU accelerator up front is what it asks for."""
+    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+        os.environ["DS_ACCELERATOR"] = "cpu"  # inherited by every process accelerate launch starts
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_deepspeed_on_cpu()
     if not argv:
         build_parser()[0].print_help(sys.stderr)
         return 2

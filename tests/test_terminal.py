@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import COMMON, train_in_process, wandb_records
+import pytest
+from helpers import COMMON, TINY, run_train, train_in_process, wandb_records
 
 from facegen_dist.log.logger import headline_figures
 
@@ -88,3 +89,13 @@ def test_a_two_phase_run_shows_and_logs_each_phase(tiny_shards, tmp_path, in_pro
     assert row["lr/discriminator"] == 1e-4 and row["lr/generator"] == 1e-3  # model.disc_lr; optim.lr (default)
     (line,) = [line for line in capfd.readouterr().err.splitlines() if line.startswith("gan: ")]
     assert "discriminator/d_loss " in line and " generator " in line and " img/s " in line
+
+
+@pytest.mark.slow
+def test_two_launched_processes_print_no_deepspeed_accelerator_warning_into_the_log(tiny_shards, tmp_path):
+    result = run_train(
+        tmp_path, *TINY, f"data.path={tiny_shards}", "train.total_images=16", "log.progress=true", num_processes=2
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Setting accelerator to CPU" not in result.stdout + result.stderr
+    assert "2 cpu processes (ddp, fp32) | global batch 16 | to 16 images" in result.stderr
