@@ -17,7 +17,13 @@ def build_parser(subparsers):
         epilog="Example: facegen latent --run runs/vae_avatars64 --run runs/ae_avatars64 --out study --attr hair_color",
     )
     parser.add_argument(
-        "--run", action="append", required=True, help="run folder (repeat to compare runs side by side)"
+        "--run",
+        "--runs",
+        dest="run",
+        nargs="+",
+        action="extend",
+        required=True,
+        help="run folder(s) to compare side by side: --run A --run B or --runs A B (as facegen report)",
     )
     parser.add_argument("--out", required=True, help="folder for the PNGs and latent.json")
     parser.add_argument(

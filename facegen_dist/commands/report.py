@@ -16,7 +16,15 @@ def build_parser(subparsers):
         description="Markdown + HTML comparison of trained runs, from their files.",
         epilog="Example: facegen report --runs runs/* --out report/",
     )
-    parser.add_argument("--runs", nargs="+", required=True, help="run folders (each with config.yaml)")
+    parser.add_argument(
+        "--runs",
+        "--run",
+        dest="runs",
+        nargs="+",
+        action="extend",
+        required=True,
+        help="run folders (each with config.yaml): --runs A B or --run A --run B (as facegen latent)",
+    )
     parser.add_argument("--out", required=True, help="output folder for report.md, report.html and the figures")
     return parser
 
