@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -60,6 +59,7 @@ def majority_baseline(labels: torch.Tensor, names: list[str]) -> dict[str, float
 def train_extractor(
     data_dir: Path, out: Path, size: int, total_images: int, batch_size: int, lr: float, seed: int, workers: int
 ) -> dict:
+    """Train the attribute network on the shards' labels over every process; write out.safetensors + out.json."""
     accelerator = make_accelerator()
     manifest = read_manifest(data_dir)
     vocabulary = manifest.get("attributes") or {}
@@ -90,13 +90,27 @@ def train_extractor(
     images_per_step = batch_size * accelerator.num_processes
     steps = math.ceil(total_images / images_per_step)
     started = time.perf_counter()
-    bar = progress_bar(
-        range(steps),
-        desc="avatar extractor",
-        unit="step",
-        disable=not accelerator.is_main_process,
-        mininterval=1.0 if sys.stderr.isatty() else 30.0,
-    )
+    _fit(accelerator, net, optimizer, batches, names, steps, images_per_step, total_images, lr)
+    training = {
+        "images": steps * images_per_step,
+        "batch_size": batch_size,
+        "processes": accelerator.num_processes,
+        "lr": lr,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    record = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(net).cpu()
+        record = _write_extractor(model, out, data_dir, manifest, vocabulary, names, attributes, size, training)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return record
+
+
+def _fit(accelerator, net, optimizer, batches, names, steps, images_per_step, total_images, lr) -> None:
+    """Mean cross-entropy over the attribute heads (unlabelled values ignored), cosine lr after a 5 % warm-up."""
+    bar = progress_bar(range(steps), desc="avatar extractor", unit="step", disable=not accelerator.is_main_process)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step * images_per_step, total_images, total_images // 20, "cosine", 0.01)
@@ -111,52 +125,43 @@ def train_extractor(
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    seconds = time.perf_counter() - started
-    record = {}
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(net)
-        val_images, val_attributes = read_images(split_shards(data_dir, "val"), 10**9, size)
-        val_labels = torch.from_numpy(np.stack([attribute_labels(a, attributes) for a in val_attributes]))
-        accuracy = attribute_accuracy(model.cpu(), val_images, val_labels, names)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        weights = out.with_suffix(".safetensors")
-        tmp = weights.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.chmod(tmp, 0o644)  # ships inside the package: readable by every user
-        os.replace(tmp, weights)
-        record = {
-            "name": out.stem,
-            "architecture": {
-                "class": "AttributeNet",
-                "channels": list(CHANNELS),
-                "input_size": size,
-                "heads": {n: list(vocabulary[n]) for n in names},
-            },
-            "feature_dim": CHANNELS[-1],
-            "feature": "global average pool of the last conv stage",
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "dataset": {
-                "name": manifest.get("name"),
-                "manifest_sha256": file_sha256(Path(data_dir) / MANIFEST_NAME),
-                "image_size": manifest.get("image_size"),
-                "seed": manifest.get("seed"),
-                "train_samples": manifest["splits"]["train"]["num_samples"],
-                "val_samples": int(val_images.shape[0]),
-            },
-            "training": {
-                "images": steps * images_per_step,
-                "batch_size": batch_size,
-                "processes": accelerator.num_processes,
-                "lr": lr,
-                "seed": seed,
-                "seconds": round(seconds, 1),
-            },
-            "val_accuracy": accuracy,
-            "val_majority_baseline": majority_baseline(val_labels, names),
-            "tool": f"facegen-dist {__version__}",
-            "sha256": file_sha256(weights),
-        }
-        out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+
+def _write_extractor(model, out, data_dir, manifest, vocabulary, names, attributes, size, training) -> dict:
+    """The weights (atomically, 0644) and their manifest: architecture, data, training, held-out accuracy, sha256."""
+    val_images, val_attributes = read_images(split_shards(data_dir, "val"), 10**9, size)
+    val_labels = torch.from_numpy(np.stack([attribute_labels(a, attributes) for a in val_attributes]))
+    accuracy = attribute_accuracy(model, val_images, val_labels, names)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weights = out.with_suffix(".safetensors")
+    tmp = weights.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # ships inside the package: readable by every user
+    os.replace(tmp, weights)
+    record = {
+        "name": out.stem,
+        "architecture": {
+            "class": "AttributeNet",
+            "channels": list(CHANNELS),
+            "input_size": size,
+            "heads": {n: list(vocabulary[n]) for n in names},
+        },
+        "feature_dim": CHANNELS[-1],
+        "feature": "global average pool of the last conv stage",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dataset": {
+            "name": manifest.get("name"),
+            "manifest_sha256": file_sha256(Path(data_dir) / MANIFEST_NAME),
+            "image_size": manifest.get("image_size"),
+            "seed": manifest.get("seed"),
+            "train_samples": manifest["splits"]["train"]["num_samples"],
+            "val_samples": int(val_images.shape[0]),
+        },
+        "training": training,
+        "val_accuracy": accuracy,
+        "val_majority_baseline": majority_baseline(val_labels, names),
+        "tool": f"facegen-dist {__version__}",
+        "sha256": file_sha256(weights),
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return record
