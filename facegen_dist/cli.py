@@ -124,10 +124,14 @@ def _run(name: str, args: argparse.Namespace) -> int:
         return 2
 
 
+ACCELERATOR_DEVICES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dri", "/dev/accel")
+
+
 def _quiet_deepspeed_on_cpu() -> None:
     """accelerate imports DeepSpeed, which warns "Setting accelerator to CPU" on every start of a machine without
     an NVIDIA GPU, into the middle of the progress output; naming the CPU accelerator up front is what it asks for."""
-    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    # No device node of any accelerator DeepSpeed detects (NVIDIA, ROCm, Intel, Habana): then it would pick the CPU.
+    if "DS_ACCELERATOR" not in os.environ and not any(map(os.path.exists, ACCELERATOR_DEVICES)):
         os.environ["DS_ACCELERATOR"] = "cpu"  # inherited by every process accelerate launch starts
 
 
