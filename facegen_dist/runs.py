@@ -52,6 +52,7 @@ def build_method(model_cfg, resolution: int) -> Method:
         except FacegenError as error:
             raise ConfigError(f"model.vq_run: {error}") from None
         method.use_upstream(restored)
+        method.upstream = restored  # what an export of this run carries along
     return method
 
 
@@ -123,14 +124,22 @@ EXPORT_FORMAT = 1
 def export_run(run_dir: str | Path, out: str | Path, checkpoint_name: str = "") -> Path:
     """Write run `run_dir`'s newest (or named) checkpoint as an export: EMA weights in one safetensors file, the
     resolved config, export.json and a model card; a prior's VQ run exported into out/upstream. Returns `out`."""
-    run_dir, out = Path(run_dir), Path(out)
+    out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FacegenError(f"--out {out}: exists and is not empty")
-    restored = restore_run(run_dir, checkpoint_name=checkpoint_name)
+    _write_export(restore_run(run_dir, checkpoint_name=checkpoint_name), out)
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)  # shared: readable by a group, a Hub upload, another user
+    return out
+
+
+def _write_export(restored: RestoredRun, out: Path) -> None:
+    """One export folder; a prior's VQ run (restored with it) written the same way into out/upstream."""
     out.mkdir(parents=True, exist_ok=True)
-    upstream = restored.method.upstream_run()
+    upstream = restored.method.upstream
     if upstream is not None:
-        export_run(upstream[0], out / EXPORT_UPSTREAM, checkpoint_name=upstream[1])
+        _write_export(upstream, out / EXPORT_UPSTREAM)
     weights = {
         f"{name}.{key}": value.contiguous()
         for name, module in restored.modules.items()
@@ -144,18 +153,14 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint_name: str = "") 
     info = {
         "format": EXPORT_FORMAT,
         "method": restored.cfg.model.name,
-        "source_run": str(run_dir.resolve()),
+        "source_run": str(restored.run_dir.resolve()),
         "checkpoint": restored.checkpoint.name,
         "images_seen": restored.images_seen,
         "ema": restored.ema,
         "upstream": EXPORT_UPSTREAM if upstream is not None else None,
     }
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(restored, info, _latest_eval(run_dir)))
-    for path in out.rglob("*"):
-        if path.is_file():
-            path.chmod(0o644)  # shared: readable by a group, a Hub upload, another user
-    return out
+    (out / "README.md").write_text(model_card(restored, info, _latest_eval(restored.run_dir)))
 
 
 def _latest_eval(run_dir: Path) -> dict | None:

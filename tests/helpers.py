@@ -50,6 +50,28 @@ TINY_VQVAE2 = [
     "optim.warmup_images=0",
 ]
 
+# The two GAN-style baselines at 32 px.
+TINY_DCGAN = [
+    *COMMON,
+    "model.name=dcgan",
+    "model.latent_dim=16",
+    "model.gen_channels=8",
+    "model.disc_channels=8",
+    "optim.lr=2e-4",
+    "optim.warmup_images=0",
+]
+TINY_INTROVAE = [
+    *COMMON,
+    "model.name=introvae",
+    "model.latent_dim=16",
+    "model.channels=[8,16,16]",
+    "model.margin=10",
+    "model.beta=0.5",
+    "model.vae_images=160",
+    "optim.lr=1e-3",
+    "optim.warmup_images=0",
+]
+
 # A tiny VQ-GAN at 32 px: f=4 (8x8 codes of 64), attention at 8x8, the tiny perceptual stand-in.
 TINY_VQGAN = [
     "model.name=vqgan",

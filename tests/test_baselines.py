@@ -5,32 +5,18 @@ import math
 
 import pytest
 import torch
-from helpers import COMMON, kill9_after_first_checkpoint, read_metrics, run_train, start_train
+from helpers import (
+    TINY_DCGAN,
+    TINY_INTROVAE,
+    kill9_after_first_checkpoint,
+    read_metrics,
+    run_train,
+    start_train,
+)
 
 from facegen_dist.methods import MicroBatch
 from facegen_dist.methods.introvae import decoder_loss, encoder_loss, reconstruction_error
 from facegen_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator
-
-TINY_DCGAN = [
-    *COMMON,
-    "model.name=dcgan",
-    "model.latent_dim=16",
-    "model.gen_channels=8",
-    "model.disc_channels=8",
-    "optim.lr=2e-4",
-    "optim.warmup_images=0",
-]
-TINY_INTROVAE = [
-    *COMMON,
-    "model.name=introvae",
-    "model.latent_dim=16",
-    "model.channels=[8,16,16]",
-    "model.margin=10",
-    "model.beta=0.5",
-    "model.vae_images=160",
-    "optim.lr=1e-3",
-    "optim.warmup_images=0",
-]
 
 
 @pytest.mark.parametrize("resolution", [32, 64, 128])

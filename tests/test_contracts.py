@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import COMMON, TINY, TINY_VQGAN, TINY_VQVAE2, train_in_process
+from helpers import COMMON, TINY, TINY_DCGAN, TINY_INTROVAE, TINY_VQGAN, TINY_VQVAE2, train_in_process
 from safetensors.torch import load_model, save_model
 
 from facegen_dist import methods
@@ -22,8 +22,8 @@ TINY_MODELS = {
     "vqvae": [*TINY_VQVAE2, "model.name=vqvae"],
     "vqvae2": TINY_VQVAE2,
     "vqgan": TINY_VQGAN,
-    "dcgan": [*COMMON, "model.name=dcgan", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8"],
-    "introvae": [*COMMON, "model.name=introvae", "model.latent_dim=16", "model.channels=[8,16,16]"],
+    "dcgan": TINY_DCGAN,
+    "introvae": TINY_INTROVAE,
 }
 # A prior's tiny settings, and the VQ method whose (untrained, in-memory) run it is handed.
 TINY_PRIORS = {

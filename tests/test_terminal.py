@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import COMMON, TINY, run_train, train_in_process, wandb_records
+from helpers import TINY, TINY_DCGAN, run_train, train_in_process, wandb_records
 
 from facegen_dist.log.logger import headline_figures
 
@@ -81,7 +81,7 @@ def test_the_wandb_dashboard_plots_against_images_seen_grouped_and_tagged(
 
 
 def test_a_two_phase_run_shows_and_logs_each_phase(tiny_shards, tmp_path, in_process_accelerator, capfd):
-    dcgan = [*COMMON, "model.name=dcgan", "model.latent_dim=16", "model.gen_channels=8", "model.disc_channels=8"]
+    dcgan = [o for o in TINY_DCGAN if not o.startswith("optim.")]  # the default optim.lr, asserted below
     train_in_process(
         tiny_shards, tmp_path / "gan", 16, "log.progress=true", "model.disc_lr=1e-4", *CONSTANT_LR, model=dcgan
     )

@@ -55,6 +55,7 @@ class Phase:
 
 class Method:
     config_class: ClassVar[type]
+    upstream = None  # the RestoredRun facegen_dist.runs handed in (use_upstream), or None
 
     def __init__(self, model_cfg, resolution: int):
         self.cfg = model_cfg
